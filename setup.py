@@ -1,0 +1,33 @@
+"""llava-tiny: LLaVA-1.5-style training for small vision-language models."""
+from setuptools import find_packages, setup
+
+# torch is pinned by the install scripts (scripts/setup_env.sh installs the CPU wheel first);
+# a range here keeps pip from replacing an installed CUDA or CPU build.
+setup(
+    name="llava-tiny",
+    version="0.1.0",
+    description="Fine-tune small LLaVA-style vision-language models (TinyLlama + CLIP/SigLIP).",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llava_tiny*", "data_tools*", "eval*", "bench*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "pillow",
+        "numpy",
+        "tqdm",
+        "matplotlib",
+        "imagehash",
+        "pyarrow",
+    ],
+    extras_require={
+        "train": ["deepspeed>=0.15", "peft>=0.13", "bitsandbytes>=0.45"],
+        "eval": ["pycocoevalcap"],
+        "flash": ["flash-attn"],
+        "wandb": ["wandb"],
+        "dev": ["pytest", "hypothesis", "pytest-timeout"],
+    },
+)
