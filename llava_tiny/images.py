@@ -1,0 +1,67 @@
+"""Image loading and preprocessing shared by training, evaluation and the CLI."""
+from __future__ import annotations
+
+import os
+
+from PIL import Image
+
+ASPECT_RATIOS = ("pad", "square", "resize")
+
+
+class ImagePathError(ValueError):
+    """An image path that escapes the image folder (refused unless explicitly allowed)."""
+
+
+def resolve_image_path(relative: str, image_folder: str | None, allow_outside: bool = False) -> str:
+    """Join `relative` to `image_folder`, refusing `../` escapes and absolute paths by default."""
+    if image_folder is None:
+        return relative
+    root = os.path.realpath(image_folder)
+    path = os.path.realpath(os.path.join(root, relative))
+    if not allow_outside and os.path.commonpath([root, path]) != root:
+        raise ImagePathError(f"image path {relative!r} escapes the image folder {image_folder!r}; "
+                             "pass --allow_images_outside_folder to allow it")
+    return path
+
+
+def load_image(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB (a truncated file fails here, not later)."""
+    with Image.open(path) as img:
+        img.load()
+        return img.convert("RGB")
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Pad to a square, image centred, as LLaVA's `expand2square` (`--image_aspect_ratio pad`)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), background)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _target_size(image_processor) -> tuple[int, int]:
+    size = getattr(image_processor, "crop_size", None) or image_processor.size
+    if "height" in size:
+        return size["width"], size["height"]
+    side = size.get("shortest_edge") or size.get("longest_edge")
+    return side, side
+
+
+def preprocess_images(images: list[Image.Image], image_processor, aspect_ratio: str = "pad"):
+    """`pixel_values` for the vision tower.
+
+    `pad`: pad to square with the processor's mean colour, then resize (LLaVA-1.5);
+    `square`: resize to the tower's square size, ignoring the aspect ratio;
+    `resize`: the processor's own resize + centre crop.
+    """
+    if aspect_ratio not in ASPECT_RATIOS:
+        raise ValueError(f"image_aspect_ratio {aspect_ratio!r}; expected one of {ASPECT_RATIOS}")
+    if aspect_ratio == "pad":
+        mean = tuple(int(x * 255) for x in image_processor.image_mean)
+        images = [expand_to_square(img, mean) for img in images]
+    elif aspect_ratio == "square":
+        images = [img.resize(_target_size(image_processor), Image.BICUBIC) for img in images]
+    return image_processor(images=images, return_tensors="pt")["pixel_values"]

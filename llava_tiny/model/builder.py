@@ -1,0 +1,244 @@
+"""Assemble a LLaVA from pretrained parts, save it, and load any checkpoint kind back.
+
+Assembly never builds a second language model: the LLaVA shell is created on the meta device
+and the pretrained LLM and vision tower are attached to it (the "ghost model" of many LLaVA
+forks is a random LLM left inside the wrapper, 2.8B parameters instead of 1.5B).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaProcessor
+
+from ..conversation import IMAGE_TOKEN, chat_template_jinja, get_template, prepare_tokenizer
+from .modeling import LlavaTinyConfig, LlavaTinyForCausalLM
+from .projector import build_projector
+from .vision import VISION_FAMILIES, default_select_strategy, load_vision_tower, num_image_tokens, vision_family
+
+logger = logging.getLogger(__name__)
+
+# File names that tell what a checkpoint folder holds (never the folder's name).
+PROJECTOR_FILE = "mm_projector.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+NON_LORA_FILE = "non_lora_trainables.safetensors"
+MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+
+_dtype_logged = False
+
+
+def resolve_dtype(device: str | torch.device | None = None, requested: torch.dtype | None = None) -> torch.dtype:
+    """The one dtype policy: fp32 on CPU; bf16 on a GPU that has it, fp16 otherwise. Logged once."""
+    global _dtype_logged
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if requested is not None and device.type == "cpu" and requested != torch.float32:
+        logger.info("dtype %s requested on CPU: using float32 (CPU kernels for half types are slow)", requested)
+        requested = torch.float32
+    if requested is None:
+        if device.type == "cuda":
+            requested = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            requested = torch.float32
+    if not _dtype_logged:
+        logger.info("model dtype: %s on %s", str(requested).replace("torch.", ""), device.type)
+        _dtype_logged = True
+    return requested
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    """Parameters counted once each (tied weights are one parameter)."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def _resize_embeddings(llm, vocab_size: int) -> None:
+    """Grow the LLM's vocabulary for added tokens; new rows are the mean row (deterministic, so a
+    LoRA checkpoint rebuilt from the same base gets the same rows)."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if vocab_size <= old:
+        return
+    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for emb in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+            emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+
+
+def build_processor(image_processor, tokenizer, config: LlavaTinyConfig, template: str) -> LlavaProcessor:
+    """A stock `LlavaProcessor` that expands `<image>` exactly as training does."""
+    has_cls = VISION_FAMILIES[vision_family(config.vision_config)][1]
+    return LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=chat_template_jinja(template), image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1 if has_cls else 0)
+
+
+@dataclass
+class LoadedModel:
+    model: LlavaTinyForCausalLM
+    tokenizer: object
+    processor: LlavaProcessor
+    kind: str  # "full", "projector", "lora"
+
+    @property
+    def image_processor(self):
+        return self.processor.image_processor
+
+    @property
+    def template(self) -> str:
+        return self.model.config.conversation_template
+
+
+def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type: str = "mlp2x_gelu",
+                   mm_vision_select_layer: int = -2, vision_select_strategy: str | None = None,
+                   version: str = "llava_v1", dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                   quantization_config=None, trust_remote_code: bool = False) -> LoadedModel:
+    """Build a LLaVA from a pretrained causal LM and a pretrained CLIP/SigLIP tower, with no ghost.
+
+    The parameter count equals LLM (after adding `<image>` and template tokens) + tower + projector.
+    """
+    dtype = dtype or resolve_dtype()
+    template = get_template(version)
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tokenizer, template)
+    llm = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, attn_implementation=attn_implementation,
+                                               quantization_config=quantization_config,
+                                               trust_remote_code=trust_remote_code)
+    _resize_embeddings(llm, len(tokenizer))
+    tower, image_processor = load_vision_tower(vision_tower, dtype=dtype, trust_remote_code=trust_remote_code)
+    strategy = vision_select_strategy or default_select_strategy(tower.config)
+    config = LlavaTinyConfig(
+        text_config=llm.config, vision_config=tower.config, mm_projector_type=mm_projector_type,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_image_tokens(tower.config, strategy), vision_feature_layer=mm_vision_select_layer,
+        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
+        mm_llm_path=str(model_name_or_path), mm_vision_tower=str(vision_tower),
+        conversation_template=template.name)
+    with torch.device("meta"):
+        model = LlavaTinyForCausalLM(config)
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.vision_tower = tower
+    model.model.multi_modal_projector = build_projector(
+        mm_projector_type, tower.config.hidden_size, llm.config.hidden_size).to(dtype)
+    if model.config.text_config.tie_word_embeddings:
+        model.lm_head.weight = model.model.language_model.get_input_embeddings().weight
+    model.config.dtype = dtype
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if leftover:
+        raise RuntimeError(f"assembly left tensors on the meta device: {leftover[:5]}")
+    processor = build_processor(image_processor, tokenizer, config, template.name)
+    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, kind="full")
+
+
+def save_model(loaded: LoadedModel, save_dir: str) -> None:
+    """Save a full model: safetensors weights, config, tokenizer and processor (stock-loadable for mlp2x_gelu)."""
+    loaded.model.save_pretrained(save_dir, safe_serialization=True)
+    loaded.processor.save_pretrained(save_dir)
+
+
+def save_projector(model: LlavaTinyForCausalLM, processor, save_dir: str) -> None:
+    """Stage-1 checkpoint: the projector weights, the config (recording the base parts) and the processor."""
+    os.makedirs(save_dir, exist_ok=True)
+    state = {f"model.multi_modal_projector.{k}": v.detach().cpu().contiguous()
+             for k, v in model.model.multi_modal_projector.state_dict().items()}
+    save_file(state, os.path.join(save_dir, PROJECTOR_FILE), metadata={"format": "pt"})
+    model.config.save_pretrained(save_dir)
+    processor.save_pretrained(save_dir)
+
+
+def load_projector_weights(model: LlavaTinyForCausalLM, path: str) -> None:
+    """Load a stage-1 projector (`mm_projector.safetensors` or its folder) into `model`."""
+    file = os.path.join(path, PROJECTOR_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no projector weights at {file}; expected a stage-1 folder holding {PROJECTOR_FILE}")
+    prefix = "model.multi_modal_projector."
+    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in load_file(file).items()}
+    projector = model.model.multi_modal_projector
+    dtype = next(iter(projector.parameters())).dtype if list(projector.parameters()) else None
+    projector.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
+
+
+def checkpoint_kind(path: str) -> str:
+    """'full', 'lora' or 'projector' from the files in `path`; a clear error naming what is missing."""
+    files = set(os.listdir(path)) if os.path.isdir(path) else set()
+    if ADAPTER_CONFIG in files:
+        return "lora"
+    if any(f in files for f in MODEL_FILES) or any(f.startswith("model-") and f.endswith(".safetensors") for f in files):
+        return "full"
+    if PROJECTOR_FILE in files:
+        return "projector"
+    raise FileNotFoundError(
+        f"{path} holds no model: expected {MODEL_FILES[0]} (full model), {ADAPTER_CONFIG} + adapter weights "
+        f"(LoRA) or {PROJECTOR_FILE} (stage-1 projector); found {sorted(files) or 'nothing'}")
+
+
+def _read_config(path: str) -> LlavaTinyConfig:
+    with open(os.path.join(path, "config.json")) as f:
+        data = json.load(f)
+    data.pop("model_type", None)
+    data.pop("architectures", None)
+    return LlavaTinyConfig.from_dict(data)
+
+
+def _base_parts(config: LlavaTinyConfig, model_base: str | None, path: str) -> tuple[str, str]:
+    llm = model_base or config.mm_llm_path
+    tower = config.mm_vision_tower
+    missing = [name for name, value in (("language model (--model-base)", llm), ("vision tower", tower)) if not value]
+    if missing:
+        raise ValueError(f"{path} needs its base parts to load, but {', '.join(missing)} is not known: "
+                         "pass --model-base or use a folder saved by this project")
+    return llm, tower
+
+
+def load_pretrained_model(model_path: str, model_base: str | None = None, device: str | None = None,
+                          dtype: torch.dtype | None = None, merge_lora: bool = True,
+                          trust_remote_code: bool = False) -> LoadedModel:
+    """Load any checkpoint this project writes, deciding what it is from its files.
+
+    - full model (`model.safetensors` + `config.json`): stock or `llava_tiny` model_type;
+    - LoRA (`adapter_config.json` + `non_lora_trainables.safetensors`): base LLM + tower rebuilt
+      (from `model_base` or the paths recorded in `config.json`), projector loaded, adapter applied;
+    - stage-1 projector (`mm_projector.safetensors`): base parts rebuilt, projector loaded.
+    """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or resolve_dtype(device)
+    kind = checkpoint_kind(model_path)
+    if kind == "full":
+        config = _read_config(model_path)
+        model = LlavaTinyForCausalLM.from_pretrained(model_path, config=config, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        return LoadedModel(model.to(device).eval(), tokenizer, processor, kind)
+
+    config = _read_config(model_path)
+    llm_path, tower_path = _base_parts(config, model_base, model_path)
+    loaded = assemble_model(llm_path, tower_path, mm_projector_type=config.mm_projector_type,
+                            mm_vision_select_layer=config.vision_feature_layer,
+                            vision_select_strategy=config.vision_feature_select_strategy,
+                            version=config.conversation_template, dtype=dtype, trust_remote_code=trust_remote_code)
+    if kind == "projector":
+        load_projector_weights(loaded.model, model_path)
+    else:
+        from peft import PeftModel  # the [train] extra
+
+        non_lora = os.path.join(model_path, NON_LORA_FILE)
+        if os.path.isfile(non_lora):
+            state = load_file(non_lora)
+            missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+            if unexpected:
+                raise ValueError(f"{non_lora} holds weights the model does not have: {unexpected[:5]}")
+        else:
+            raise FileNotFoundError(f"{model_path} is a LoRA checkpoint without {NON_LORA_FILE} "
+                                    "(the projector and other non-LoRA trainables)")
+        peft_model = PeftModel.from_pretrained(loaded.model, model_path)
+        loaded.model = peft_model.merge_and_unload() if merge_lora else peft_model
+    loaded.model.to(device).eval()
+    loaded.kind = kind
+    loaded.tokenizer = AutoTokenizer.from_pretrained(model_path) if os.path.isfile(
+        os.path.join(model_path, "tokenizer_config.json")) else loaded.tokenizer
+    return loaded
