@@ -25,3 +25,34 @@ def llama2_llm(tmp_path_factory):
     from llava_tiny.testing.tiny import make_tiny_llm
 
     return make_tiny_llm(str(tmp_path_factory.mktemp("llama2") / "llm"), tokenizer="llama2", hidden_size=32)
+
+
+def write_color_dataset(root, n=16, size=40, text_only=0, seed=0):
+    """A small LLaVA JSON set: coloured images with "what color" questions (+ text-only samples)."""
+    import json
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    colors = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "yellow": (230, 230, 20)}
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    samples = []
+    for i in range(n):
+        name = rng.choice(sorted(colors))
+        Image.new("RGB", (size, size + (i % 3) * 8), colors[name]).save(os.path.join(root, "images", f"{i}.png"))
+        samples.append({"id": f"img-{i}", "image": f"images/{i}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat color is the image?"}, {"from": "gpt", "value": name}]})
+    for i in range(text_only):
+        samples.append({"id": f"txt-{i}", "conversations": [
+            {"from": "human", "value": f"Say the number {i}."}, {"from": "gpt", "value": str(i)}]})
+    path = os.path.join(root, "data.json")
+    with open(path, "w") as f:
+        json.dump(samples, f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def color_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return {"data_path": write_color_dataset(str(root), n=16, text_only=4), "image_folder": str(root)}

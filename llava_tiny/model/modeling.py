@@ -7,6 +7,7 @@ with the Auto classes when this package is imported.
 """
 from __future__ import annotations
 
+import torch
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
@@ -45,6 +46,24 @@ class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
                 bias=config.multimodal_projector_bias)
             self.post_init()
 
+    def forward(self, input_ids=None, pixel_values=None, inputs_embeds=None, **kwargs):
+        """Stock forward; in training, a text-only batch still runs the vision tower and projector
+        on a blank image (adding 0 to the loss), in the same order as image batches: ZeRO-3 gathers
+        parameters with collectives every rank must call alike, and DDP expects a gradient for every
+        trainable parameter."""
+        if not (self.training and pixel_values is None and input_ids is not None and torch.is_grad_enabled()):
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds, **kwargs)
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        vision = self.config.vision_config
+        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
+                            dtype=self.model.vision_tower.dtype, device=input_ids.device)
+        features = self.model.get_image_features(pixel_values=blank).pooler_output[0]
+        out = super().forward(inputs_embeds=inputs_embeds, **kwargs)
+        if out.loss is not None:
+            out.loss = out.loss + 0.0 * features.sum()
+        return out
+
 
 AutoConfig.register("llava_tiny", LlavaTinyConfig)
 AutoModelForImageTextToText.register(LlavaTinyConfig, LlavaTinyForCausalLM)
+

@@ -1,0 +1,151 @@
+"""Batched generation shared by `eval.generate`, the CLI and the merge/export checks.
+
+Prompts are the exact ids training used (`tokenize_prompt`), left-padded with the tokenizer's pad
+id so every row's last prompt token sits in the last column and the new tokens line up. Position
+ids are passed explicitly (first real token = 0): `generate` derives them from the attention mask
+only when the model's `forward` signature names `position_ids`, which a subclass taking `**kwargs`
+hides, and then left-padded rows would be numbered from the padding.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .conversation import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_prompt
+from .images import preprocess_images
+
+
+@dataclass
+class Prompt:
+    """One generation request: prompt ids (image placeholders already expanded) and its images, in
+    the order of their placeholders."""
+
+    input_ids: list[int]
+    images: list[Image.Image] = field(default_factory=list)
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings (LLaVA's eval flags). `temperature` 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float | None = None
+    num_beams: int = 1
+    image_aspect_ratio: str = "pad"
+
+
+def base_model(model):
+    """The LLaVA model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def template_name(loaded, conv_mode: str | None = None) -> str:
+    """`conv_mode` if given (LLaVA's `--conv-mode`), else the template the checkpoint was trained with."""
+    return get_template(conv_mode).name if conv_mode else loaded.template
+
+
+def build_prompt(loaded, question: str, images: list[Image.Image] = (), history: list[tuple[str, str]] = (),
+                 conv_mode: str | None = None) -> Prompt:
+    """A `Prompt` for `question` after `history` turns; checks `<image>` markers against `images`.
+
+    A count mismatch would otherwise surface inside the forward as transformers' misleading
+    "Image features and image tokens do not match".
+    """
+    markers = question.count(IMAGE_TOKEN) + sum(q.count(IMAGE_TOKEN) for q, _ in history)
+    if markers != len(images):
+        raise ValueError(f"prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s) were given; "
+                         f"expected one marker per image")
+    num_image_tokens = base_model(loaded.model).config.image_seq_length
+    ids = tokenize_prompt(question, loaded.tokenizer, template_name(loaded, conv_mode), num_image_tokens,
+                          history=list(history))
+    return Prompt(input_ids=ids, images=list(images))
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `position_ids` for left-padded rows.
+
+    Positions count real tokens only (padding gets 0), exactly what the same row alone would get.
+    """
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, width - len(row):] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attention_mask, position_ids
+
+
+def _pad_id(loaded) -> int:
+    tokenizer = loaded.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id == base_model(loaded.model).config.image_token_index:
+        # LLaVA finds image slots by id: padding with it would claim image features for pad positions.
+        raise ValueError(f"the tokenizer pads with the image token id {pad_id}; set a different pad token")
+    return pad_id
+
+
+def _cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
+    for i, token in enumerate(ids):
+        if token in stop_ids:
+            return ids[:i]
+    return ids
+
+
+@torch.inference_mode()
+def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings | None = None,
+                   conv_mode: str | None = None) -> list[str]:
+    """Generate one answer per prompt in a single left-padded `generate` call (KV cache on).
+
+    Image and text-only prompts can share a batch: `pixel_values` holds the images of all prompts
+    in prompt order, and LLaVA fills the placeholders in that same order.
+    """
+    settings = settings or GenerationSettings()
+    if not prompts:
+        return []
+    if settings.num_beams > 1 and any(len(p.images) > 1 for p in prompts):
+        # generate() expands pixel_values per image (x,x,y,y), not per sample (x,y,x,y): every beam
+        # of a multi-image prompt would see the wrong images (transformers issue #37900).
+        raise ValueError("beam search (num_beams > 1) with several images in one prompt is not supported: "
+                         "transformers expands pixel_values per image, not per prompt; use num_beams 1")
+    model = loaded.model
+    llava = base_model(model)
+    device, dtype = llava.device, llava.dtype
+    input_ids, attention_mask, position_ids = left_pad([p.input_ids for p in prompts], _pad_id(loaded))
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+              "position_ids": position_ids.to(device)}
+    images = [image for p in prompts for image in p.images]
+    if images:
+        pixels = preprocess_images(images, loaded.image_processor, settings.image_aspect_ratio)
+        inputs["pixel_values"] = pixels.to(device=device, dtype=dtype)
+    template = template_name(loaded, conv_mode)
+    stop_ids = stop_token_ids(loaded.tokenizer, template)
+    sampling = settings.temperature > 0
+    decoding = {"do_sample": sampling, "num_beams": settings.num_beams}
+    if sampling:
+        decoding["temperature"] = settings.temperature
+        if settings.top_p is not None:
+            decoding["top_p"] = settings.top_p
+    else:  # stop a saved generation_config's sampling defaults from producing warnings
+        decoding.update(temperature=None, top_p=None, top_k=None)
+    output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids,
+                            pad_token_id=_pad_id(loaded), use_cache=True, **decoding)
+    new_tokens = output[:, input_ids.shape[1]:].tolist()
+    stops = set(stop_ids)
+    return [loaded.tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True).strip()
+            for row in new_tokens]
+
+
+def probe_inputs(loaded, question: str = "<image>\nDescribe the image in detail.") -> dict[str, torch.Tensor]:
+    """A fixed prompt and a synthetic (deterministic, non-uniform) image, for parity checks."""
+    llava = base_model(loaded.model)
+    size = llava.config.vision_config.image_size
+    gradient = Image.linear_gradient("L").resize((size, size))
+    image = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
+    prompt = build_prompt(loaded, question, [image])
+    pixels = preprocess_images(prompt.images, loaded.image_processor, "pad")
+    return {"input_ids": torch.tensor([prompt.input_ids], device=llava.device),
+            "pixel_values": pixels.to(device=llava.device, dtype=llava.dtype)}

@@ -1,0 +1,165 @@
+"""Command-line flags: LLaVA's names and meanings, plus a few of ours.
+
+`parse_args` also turns the GPU-only flags users copy from GPU scripts (`--bf16`, `--tf32`) into
+what works on the machine at hand, with one log line each, instead of a crash.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "Causal LM (hub id or local folder), e.g. TinyLlama."})
+    vision_tower: str | None = field(default=None, metadata={"help": "CLIP or SigLIP vision model (hub id or folder)."})
+    version: str = field(default="llava_v1", metadata={"help": "Conversation template (plain, v1/llava_v1, tinyllama, llama_3, chatml)."})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear, mlp{N}x_gelu or identity."})
+    mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision tower layer whose features are used."})
+    mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLIP's CLS) or cls_patch (keep it)."})
+    pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Stage-1 projector to start from (folder or mm_projector.safetensors)."})
+    tune_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Stage 1: train only the projector."})
+    freeze_backbone: bool = field(default=False, metadata={"help": "Freeze the language model."})
+    unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "Train the vision tower too (LR: --mm_vision_tower_lr)."})
+    mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA-1.0 <im_start>/<im_end> tokens (not supported: keep False)."})
+    mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA-1.0 patch tokens (not supported: keep False)."})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "Only 'flat' (LLaVA-1.5)."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a model (off unless you pass it)."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL training data."})
+    eval_data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for eval loss."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the 'image' paths are relative to."})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square, mean colour), square or resize."})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "Tokenize and load images per step (always on)."})
+    is_multimodal: bool = field(default=True, metadata={"help": "Accepted for LLaVA compatibility."})
+    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip missing/corrupt images and unfit samples (listed in output_dir) instead of stopping."})
+    allow_images_outside_folder: bool = field(default=False, metadata={"help": "Allow image paths with ../ or absolute paths."})
+    max_bad_sample_fraction: float = field(default=0.01, metadata={"help": "With --skip_bad_samples, stop when more than this fraction is bad."})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    model_max_length: int = field(default=2048, metadata={"help": "Sequences are truncated by whole turns to this."})
+    bits: int = field(default=16, metadata={"help": "4 or 8: quantize the LLM (QLoRA); 16: no quantization."})
+    double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantization."})
+    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
+    lora_enable: bool = False
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_bias: str = "none"
+    lora_weight_path: str = ""
+    freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Keep the projector frozen."})
+    mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate (own parameter group)."})
+    mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "Vision tower learning rate when unfrozen."})
+    group_by_modality_length: bool = field(default=False, metadata={"help": "Batches of image-only or text-only samples, grouped by length."})
+    cache_dir: str | None = None
+    mpt_attn_impl: str | None = None
+    remove_unused_columns: bool = False
+    optim: str = "adamw_torch"
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds another run."})
+    skip_nan_steps: bool = field(default=False, metadata={"help": "On a NaN/inf loss, skip the step and count it instead of stopping."})
+
+
+# Flags renamed by transformers that LLaVA scripts still pass.
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+
+
+def _normalise_argv(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(RENAMED_FLAGS.get(name, name) + eq + value)
+    return out
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _adapt_precision_flags(argv: list[str]) -> list[str]:
+    """On a CPU, --bf16/--fp16/--tf32 True become fp32 with one log line (the dtype policy)."""
+    if _on_gpu():
+        return argv
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        if name not in ("--bf16", "--fp16", "--tf32"):
+            out.append(argv[i])
+            i += 1
+            continue
+        if not eq:  # "--bf16 True" or a bare "--bf16"
+            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
+            value = argv[i + 1] if has_value else "True"
+            i += 1 if not has_value else 2
+        else:
+            i += 1
+        if value.lower() in ("true", "1", "yes"):
+            logger.warning("%s True ignored: no GPU here, training in float32 on the CPU", name)
+    return out
+
+
+def _configure_reporting(args: TrainingArguments) -> None:
+    """wandb never prompts on a batch node: offline unless logged in, or off if not installed."""
+    if "wandb" not in (args.report_to or []):
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        logger.warning("--report_to wandb: wandb is not installed (pip install llava-tiny[wandb]); not reporting to it")
+        args.report_to = [r for r in args.report_to if r != "wandb"] or ["none"]
+        return
+    logged_in = os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))
+    if not logged_in and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        os.environ["WANDB_MODE"] = "offline"
+        logger.warning("--report_to wandb: no wandb login found; logging offline (sync later with `wandb sync`)")
+
+
+def _init_cpu_distributed(argv: list[str]) -> None:
+    """DeepSpeed on a CPU: gloo, initialised before TrainingArguments (else the batch-size check fails)."""
+    if _on_gpu() or not any(a.split("=")[0] == "--deepspeed" for a in argv):
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """Parse LLaVA-style flags into (model, data, training) arguments."""
+    argv = _adapt_precision_flags(_normalise_argv(list(sys.argv[1:] if argv is None else argv)))
+    _init_cpu_distributed(argv)
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if not _on_gpu():
+        training_args.use_cpu = True
+        training_args.dataloader_pin_memory = False
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
+                         "recipes set to False; this project supports only False")
+    if model_args.mm_patch_merge_type != "flat":
+        raise ValueError(f"--mm_patch_merge_type {model_args.mm_patch_merge_type!r}: only 'flat' is supported")
+    if training_args.bits not in (4, 8, 16):
+        raise ValueError(f"--bits {training_args.bits}: expected 4, 8 or 16")
+    if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    _configure_reporting(training_args)
+    return model_args, data_args, training_args

@@ -1,0 +1,197 @@
+"""LLaVA JSON data -> training examples (lazy), and the collator that batches them.
+
+Images are checked before training starts (existence and header, in parallel), so a missing or
+corrupt file stops the run in seconds with the list of samples, not hours later.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..conversation import IGNORE_INDEX, ConversationError, tokenize_conversation
+from ..images import ImagePathError, load_image, preprocess_images, resolve_image_path
+
+logger = logging.getLogger(__name__)
+
+
+class BadSamplesError(ValueError):
+    """Samples that cannot be used; the message lists their ids and what is wrong."""
+
+
+def load_samples(path: str) -> list[dict]:
+    """Read LLaVA data: a JSON list of samples or JSONL (one sample per line)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}: line {n} is not valid JSON ({err.msg}); expected a JSON list or JSONL") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples, found {type(data).__name__}")
+    for n, sample in enumerate(data):
+        if not isinstance(sample, dict):
+            raise ValueError(f"{path}: record {n} is {type(sample).__name__}; expected an object with id/conversations")
+    return data
+
+
+def sample_id(sample: dict, index: int) -> str:
+    return str(sample.get("id", f"#{index}"))
+
+
+def sample_images(sample: dict) -> list[str]:
+    image = sample.get("image")
+    if image is None:
+        return []
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def _image_problem(path: str) -> str | None:
+    """Quick check: the file exists and its header parses (a full decode happens when used)."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except Exception as err:  # PIL raises many types for bad files
+        return f"corrupt ({type(err).__name__}: {err})"
+    return None
+
+
+def check_samples(samples: list[dict], image_folder: str | None, allow_outside: bool = False,
+                  workers: int = 8) -> dict[str, str]:
+    """Map sample id -> problem for samples with a bad structure or a missing/corrupt image."""
+    problems: dict[str, str] = {}
+    paths: list[tuple[str, str, str]] = []
+    for i, sample in enumerate(samples):
+        sid = sample_id(sample, i)
+        if not isinstance(sample.get("conversations"), list):
+            problems[sid] = "no 'conversations' list"
+            continue
+        for rel in sample_images(sample):
+            try:
+                paths.append((sid, rel, resolve_image_path(rel, image_folder, allow_outside)))
+            except ImagePathError as err:
+                problems[sid] = str(err)
+    with ThreadPoolExecutor(workers) as pool:
+        for (sid, rel, _), problem in zip(paths, pool.map(lambda p: _image_problem(p[2]), paths)):
+            if problem:
+                problems.setdefault(sid, f"image {rel!r} {problem}")
+    return problems
+
+
+class LazySupervisedDataset(Dataset):
+    """Tokenizes and loads images per item; `<image>` expands to the tower's exact token count."""
+
+    def __init__(self, data_path: str, tokenizer, image_processor, template: str, num_image_tokens: int,
+                 image_folder: str | None = None, image_aspect_ratio: str = "pad", model_max_length: int = 2048,
+                 skip_bad_samples: bool = False, allow_images_outside_folder: bool = False,
+                 max_bad_sample_fraction: float = 0.01, report_dir: str | None = None):
+        self.data_path = data_path
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = template
+        self.num_image_tokens = num_image_tokens
+        self.image_folder = image_folder
+        self.image_aspect_ratio = image_aspect_ratio
+        self.model_max_length = model_max_length
+        self.allow_outside = allow_images_outside_folder
+        samples = load_samples(data_path)
+        problems = check_samples(samples, image_folder, allow_images_outside_folder)
+        problems.update(self._unfit_samples(samples, problems))
+        if problems:
+            listing = "\n".join(f"  {sid}: {why}" for sid, why in list(problems.items())[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            summary = f"{data_path}: {len(problems)} of {len(samples)} samples cannot be used:\n{listing}{more}"
+            if not skip_bad_samples:
+                raise BadSamplesError(summary + "\nFix them (python -m data_tools.validate) or pass --skip_bad_samples")
+            if len(problems) > max_bad_sample_fraction * len(samples):
+                raise BadSamplesError(summary + f"\nmore than {max_bad_sample_fraction:.1%} of the data is bad; stopping")
+            logger.warning("%s\nskipping them (--skip_bad_samples)", summary)
+            if report_dir:
+                os.makedirs(report_dir, exist_ok=True)
+                with open(os.path.join(report_dir, "skipped_samples.json"), "w") as f:
+                    json.dump(problems, f, indent=2)
+        self.samples = [s for i, s in enumerate(samples) if sample_id(s, i) not in problems]
+        self.ids = [sample_id(s, i) for i, s in enumerate(samples) if sample_id(s, i) not in problems]
+        self.skipped = problems
+
+    def _unfit_samples(self, samples, known) -> dict[str, str]:
+        """Samples whose conversation is malformed or cannot fit (labels would be all -100)."""
+        unfit = {}
+        for i, sample in enumerate(samples):
+            sid = sample_id(sample, i)
+            if sid in known:
+                continue
+            try:
+                tokenize_conversation(sample["conversations"], self.tokenizer, self.template, self.num_image_tokens,
+                                      num_images=len(sample_images(sample)), model_max_length=self.model_max_length,
+                                      sample_id=sid)
+            except ConversationError as err:
+                unfit[sid] = str(err)
+        return unfit
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def modality_lengths(self) -> list[int]:
+        """LLaVA's length proxy: words (+ image tokens), negative for text-only samples."""
+        lengths = []
+        for sample in self.samples:
+            words = sum(len(turn["value"].split()) for turn in sample["conversations"])
+            n_images = len(sample_images(sample))
+            lengths.append(words + n_images * self.num_image_tokens if n_images else -words)
+        return lengths
+
+    def __getitem__(self, index: int) -> dict:
+        sample, sid = self.samples[index], self.ids[index]
+        paths = sample_images(sample)
+        tokens = tokenize_conversation(sample["conversations"], self.tokenizer, self.template, self.num_image_tokens,
+                                       num_images=len(paths), model_max_length=self.model_max_length, sample_id=sid)
+        item = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels), "sample_id": sid}
+        if paths:
+            images = []
+            for rel in paths:
+                path = resolve_image_path(rel, self.image_folder, self.allow_outside)
+                try:
+                    images.append(load_image(path))
+                except Exception as err:
+                    raise RuntimeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
+            item["pixel_values"] = preprocess_images(images, self.image_processor, self.image_aspect_ratio)
+        return item
+
+
+class DataCollatorForSupervisedDataset:
+    """Right-pads ids (pad id) and labels (-100); stacks images in sample order."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        longest = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+                 "sample_ids": [item["sample_id"] for item in items]}
+        pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch

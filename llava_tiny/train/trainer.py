@@ -1,0 +1,162 @@
+"""`LlavaTrainer`: the HF Trainer with LLaVA's parameter groups, modality-grouped batches,
+token-weighted losses and this project's checkpoint formats."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+from transformers import Trainer
+from transformers.trainer_pt_utils import get_parameter_names
+
+from .checkpoint import load_trained, save_trained
+
+logger = logging.getLogger(__name__)
+
+
+def modality_grouped_indices(lengths: list[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """A shuffled order whose consecutive `batch_size` chunks hold one modality of similar lengths.
+
+    `lengths` are positive for image samples and negative for text-only ones (LLaVA's convention).
+    Each modality is shuffled, cut into mega-batches sorted by length, then batches of both
+    modalities are shuffled together; the last, incomplete batches are kept at the end.
+    """
+    groups = [[i for i, n in enumerate(lengths) if n > 0], [i for i, n in enumerate(lengths) if n <= 0]]
+    batches, leftovers = [], []
+    for group in groups:
+        if not group:
+            continue
+        order = [group[i] for i in torch.randperm(len(group), generator=generator).tolist()]
+        mega = batch_size * 50
+        for start in range(0, len(order), mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -abs(lengths[i]))
+            for b in range(0, len(chunk), batch_size):
+                (batches if len(chunk[b:b + batch_size]) == batch_size else leftovers).append(chunk[b:b + batch_size])
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [i for batch in shuffled + leftovers for i in batch]
+
+
+class ModalityLengthGroupedSampler(Sampler):
+    """Deterministic per (seed, epoch), so a resumed run sees the same order."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(modality_grouped_indices(self.lengths, self.batch_size, generator))
+
+
+class LlavaTrainer(Trainer):
+    """Trainer for one recipe ('projector', 'lora', 'full')."""
+
+    def __init__(self, *args, recipe: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.last_sample_ids: list[str] = []
+
+    # --- batches -------------------------------------------------------------------------
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.group_by_modality_length:
+            batch = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+            return ModalityLengthGroupedSampler(dataset.modality_lengths, batch, self.args.data_seed or self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
+    # --- optimizer: the projector and the vision tower get their own learning rates --------
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        decay = set(get_parameter_names(model, [torch.nn.LayerNorm, torch.nn.Embedding]))
+        decay = {n for n in decay if "bias" not in n and "norm" not in n}
+        special = {"multi_modal_projector": self.args.mm_projector_lr, "vision_tower": self.args.mm_vision_tower_lr}
+        groups: dict[tuple, dict] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = next((key for key, lr in special.items() if lr is not None and key in name), None)
+            lr = special[part] if part else self.args.learning_rate
+            wd = self.args.weight_decay if name in decay else 0.0
+            groups.setdefault((part, wd), {"params": [], "weight_decay": wd, "lr": lr})["params"].append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(list(groups.values()), lr=self.args.learning_rate, **optimizer_kwargs)
+        return self.optimizer
+
+    # --- loss ----------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.last_sample_ids = inputs.pop("sample_ids", [])
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs.pop("sample_ids", None)
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """Eval loss = mean over all supervised tokens of the eval set (the training loss's definition),
+        not a mean of per-batch means."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self._wrap_model(self.model, training=False, dataloader=dataloader)
+        was_training = model.training
+        model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        with torch.no_grad():
+            for inputs in dataloader:
+                inputs.pop("sample_ids", None)
+                inputs = self._prepare_inputs(inputs)
+                tokens = (inputs["labels"][:, 1:] != -100).sum()
+                loss = model(**inputs).loss
+                total += torch.stack([loss.double() * tokens, tokens.double()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        if was_training:
+            model.train()
+        metrics = {f"{metric_key_prefix}_loss": (total[0] / total[1].clamp(min=1)).item(),
+                   f"{metric_key_prefix}_tokens": int(total[1].item())}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # --- checkpoints ---------------------------------------------------------------------
+    def _save(self, output_dir=None, state_dict=None):
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model)
+        save_trained(model, self.recipe, self.processing_class, output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if self.is_deepspeed_enabled:  # the engine checkpoint (global_step*/) restores everything
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trained(model if model is not None else self.model, self.recipe, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        load_trained(self.model, self.recipe, self.state.best_model_checkpoint)
+
+
+def newest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` (one with a trainer_state.json)."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        path = os.path.join(output_dir, name)
+        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() and \
+                os.path.isfile(os.path.join(path, "trainer_state.json")):
+            found.append((int(name.split("-")[1]), path))
+    return max(found)[1] if found else None
+
+
+def steps_per_epoch(num_samples: int, args) -> int:
+    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return max(1, math.ceil(num_samples / per_step))
