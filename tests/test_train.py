@@ -178,8 +178,8 @@ def test_llava_flags_are_accepted(tmp_path, monkeypatch):
         "--evaluation_strategy", "no", "--local_rank", "0", "--bf16", "True", "--tf32", "True",
         "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False", "--lazy_preprocess", "True",
         "--group_by_modality_length", "True", "--report_to", "wandb", "--mm_projector_lr", "2e-5",
-        "--lora_enable", "True", "--lora_r", "128", "--lora_alpha", "256"])
-    assert args.eval_strategy == "no" and not args.bf16 and args.use_cpu
+        "--lora_enable", "True", "--lora_r", "128", "--lora_alpha", "256", "--warmup_ratio", "0.03"])
+    assert args.eval_strategy == "no" and args.warmup_steps == 0.03 and not args.bf16 and args.use_cpu
     assert args.mm_projector_lr == 2e-5 and args.lora_r == 128 and args.group_by_modality_length
     assert "wandb" not in args.report_to or os.environ.get("WANDB_MODE") == "offline"
     with pytest.raises(ValueError, match="LLaVA-1.0 options"):

@@ -6,6 +6,7 @@ forks is a random LLM left inside the wrapper, 2.8B parameters instead of 1.5B).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaProcessor
+from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..conversation import IMAGE_TOKEN, chat_template_jinja, get_template, prepare_tokenizer
 from .modeling import LlavaTinyConfig, LlavaTinyForCausalLM
@@ -54,15 +56,40 @@ def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
 
 
+@contextlib.contextmanager
+def _gathered(params):
+    """Full parameters under ZeRO-3 (partitioned at load), for an edit on rank 0; a no-op otherwise."""
+    if hf_deepspeed.is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def _without_zero3_init():
+    """The meta-device shell must not go through ZeRO-3's partitioned init (its parts are replaced)."""
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def _resize_embeddings(llm, vocab_size: int) -> None:
     """Grow the LLM's vocabulary for added tokens; new rows are the mean row (deterministic, so a
     LoRA checkpoint rebuilt from the same base gets the same rows)."""
-    old = llm.get_input_embeddings().weight.shape[0]
+    old = llm.get_input_embeddings().weight.ds_shape[0] if hasattr(llm.get_input_embeddings().weight, "ds_shape") \
+        else llm.get_input_embeddings().weight.shape[0]
     if vocab_size <= old:
         return
     llm.resize_token_embeddings(vocab_size, mean_resizing=False)
-    with torch.no_grad():
-        for emb in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+    embeddings = {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}
+    with _gathered([m.weight for m in embeddings.values()]), torch.no_grad():
+        for emb in embeddings.values():
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
 
 
@@ -117,7 +144,7 @@ def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
         mm_llm_path=str(model_name_or_path), mm_vision_tower=str(vision_tower),
         conversation_template=template.name)
-    with torch.device("meta"):
+    with torch.device("meta"), _without_zero3_init():
         model = LlavaTinyForCausalLM(config)
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 from huggingface_hub.dataclasses import strict
+from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
+from transformers.models.llava.modeling_llava import LlavaModel, LlavaPreTrainedModel
 
 from .projector import build_projector, is_stock_llava_projector
 
@@ -33,35 +35,57 @@ class LlavaTinyConfig(LlavaConfig):
         return data
 
 
+class LlavaTinyModel(LlavaModel):
+    """Stock `LlavaModel` with a plain error for image-token mismatches, and a blank-image mode for
+    text-only training batches (see `LlavaTinyForCausalLM.forward`)."""
+
+    blank_image_batch = False
+
+    def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
+        if self.blank_image_batch:  # features computed, scattered nowhere: same graph as an image batch
+            return torch.zeros(*inputs_embeds.shape[:2], 1, dtype=torch.bool, device=inputs_embeds.device)
+        if input_ids is not None:
+            placeholders = int((input_ids == self.config.image_token_id).sum())
+            features = image_features.shape[0]  # all images' feature vectors, concatenated
+            if placeholders != features:
+                per_image = self.config.image_seq_length
+                raise ValueError(
+                    f"the batch has {placeholders} image placeholder tokens but its images give {features} feature "
+                    f"vectors; each <image> must expand to exactly {per_image} tokens for this vision tower "
+                    f"(use llava_tiny.conversation.tokenize_conversation or the saved processor)")
+        return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
+
+
 class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
     """LLaVA (vision tower -> projector -> causal LM) with the projector from `mm_projector_type`."""
 
     config_class = LlavaTinyConfig
 
     def __init__(self, config: LlavaTinyConfig):
-        super().__init__(config)
+        LlavaPreTrainedModel.__init__(self, config)  # as the stock __init__, with LlavaTinyModel inside
+        self.model = LlavaTinyModel(config)
         if not is_stock_llava_projector(config.mm_projector_type):
             self.model.multi_modal_projector = build_projector(
                 config.mm_projector_type, config.vision_config.hidden_size, config.text_config.hidden_size,
                 bias=config.multimodal_projector_bias)
-            self.post_init()
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
 
-    def forward(self, input_ids=None, pixel_values=None, inputs_embeds=None, **kwargs):
-        """Stock forward; in training, a text-only batch still runs the vision tower and projector
-        on a blank image (adding 0 to the loss), in the same order as image batches: ZeRO-3 gathers
-        parameters with collectives every rank must call alike, and DDP expects a gradient for every
-        trainable parameter."""
+    def forward(self, input_ids=None, pixel_values=None, **kwargs):
+        """Stock forward; in training, a text-only batch still runs the vision tower and projector on
+        a blank image, scattered into no position (its gradient is zero). Every rank then calls the same
+        modules in the same order, forward and backward (ZeRO-3 gathers and reduces parameters with
+        collectives), and every trainable parameter gets a gradient (DDP)."""
         if not (self.training and pixel_values is None and input_ids is not None and torch.is_grad_enabled()):
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds, **kwargs)
-        inputs_embeds = self.get_input_embeddings()(input_ids)
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         vision = self.config.vision_config
         blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
                             dtype=self.model.vision_tower.dtype, device=input_ids.device)
-        features = self.model.get_image_features(pixel_values=blank).pooler_output[0]
-        out = super().forward(inputs_embeds=inputs_embeds, **kwargs)
-        if out.loss is not None:
-            out.loss = out.loss + 0.0 * features.sum()
-        return out
+        self.model.blank_image_batch = True
+        try:
+            return super().forward(input_ids=input_ids, pixel_values=blank, **kwargs)
+        finally:
+            self.model.blank_image_batch = False
 
 
 AutoConfig.register("llava_tiny", LlavaTinyConfig)

@@ -72,7 +72,8 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 # Flags renamed by transformers that LLaVA scripts still pass.
-RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy"}
+# (--warmup_ratio R: transformers 5 reads a warmup_steps value below 1 as a ratio.)
+RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
@@ -117,7 +118,7 @@ def _configure_reporting(args: TrainingArguments) -> None:
         import wandb  # noqa: F401
     except ImportError:
         logger.warning("--report_to wandb: wandb is not installed (pip install llava-tiny[wandb]); not reporting to it")
-        args.report_to = [r for r in args.report_to if r != "wandb"] or ["none"]
+        args.report_to = [r for r in args.report_to if r != "wandb"]
         return
     logged_in = os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))
     if not logged_in and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
@@ -146,11 +147,12 @@ def _init_cpu_distributed(argv: list[str]) -> None:
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """Parse LLaVA-style flags into (model, data, training) arguments."""
     argv = _adapt_precision_flags(_normalise_argv(list(sys.argv[1:] if argv is None else argv)))
+    if not _on_gpu() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
+        argv += ["--use_cpu", "True"]  # must be set when TrainingArguments is created (world size)
     _init_cpu_distributed(argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not _on_gpu():
-        training_args.use_cpu = True
         training_args.dataloader_pin_memory = False
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
         raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
