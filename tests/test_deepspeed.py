@@ -75,3 +75,21 @@ def test_two_process_training_saves_what_it_trained(tmp_path, tiny_parts, color_
     ids = torch.tensor([tokenize_prompt("What color is the image?", loaded.tokenizer, loaded.template, 16)])
     generated = loaded.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
     assert ids.shape[1] < generated.shape[1] <= ids.shape[1] + 3
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("finetune_lora.sh", ["--lora_r", "4", "--lora_alpha", "8"]),
+    ("finetune_qlora.sh", ["--optim", "adamw_torch"]),  # paged 8-bit AdamW needs CUDA
+])
+def test_training_scripts_run_with_tiny_models(tmp_path, tiny_parts, color_data, script, extra):
+    env = dict(os.environ, LLM=tiny_parts["llm"], VISION_TOWER=tiny_parts["clip"], PROJECTOR="",
+               DATA=color_data["data_path"], IMAGES=color_data["image_folder"], OUT=str(tmp_path / "out"),
+               NUM_GPUS="1", MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions")))
+    result = subprocess.run(["bash", os.path.join(ROOT, "scripts", script), "--max_steps", "2",
+                             "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
+                             "--dataloader_num_workers", "0", *extra],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert load_pretrained_model(str(tmp_path / "out")).kind == "lora"
