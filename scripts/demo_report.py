@@ -1,0 +1,134 @@
+"""The demo's verdict: does the trained model look at the image?
+
+    python scripts/demo_report.py --preds P.jsonl --blind-preds B.jsonl --train data_train.json \
+        --trainer-state model/trainer_state.json --leakage sets/leakage_report.json --out runs/demo
+
+Per question type: accuracy of the trained model, of the same model with every image blanked
+(the "blind" control), and of always answering the training split's most frequent answer
+(the majority class). A model that looks at the image beats both; a blind model that beats the
+majority class would mean the answers leak through the text.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from eval.report import plot_accuracy_bars, plot_loss_curve  # noqa: E402
+from eval.score import load_predictions  # noqa: E402
+from eval.vqa_metrics import normalize_vqa_answer  # noqa: E402
+
+QUESTION_TYPES = ("color", "shape", "count", "presence")
+
+
+def _answer(sample: dict) -> str:
+    return sample["conversations"][1]["value"]
+
+
+def per_type_accuracy(records: list[dict]) -> dict[str, float]:
+    """Exact match after VQA normalisation, per question type (captions excluded)."""
+    hits: dict[str, list[bool]] = collections.defaultdict(list)
+    for r in records:
+        if r.get("question_type") in QUESTION_TYPES:
+            refs = {normalize_vqa_answer(x) for x in r["references"]}
+            hits[r["question_type"]].append(normalize_vqa_answer(r["prediction"]) in refs)
+    return {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+
+
+def majority_accuracy(train: list[dict], records: list[dict]) -> dict[str, float]:
+    """Accuracy of always giving the training split's most frequent answer of each type."""
+    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for s in train:
+        if s.get("question_type") in QUESTION_TYPES:
+            counts[s["question_type"]][normalize_vqa_answer(_answer(s))] += 1
+    majority = {t: c.most_common(1)[0][0] for t, c in counts.items()}
+    as_predictions = [dict(r, prediction=majority.get(r.get("question_type"), "")) for r in records]
+    return per_type_accuracy(as_predictions)
+
+
+def with_mean(table: dict[str, float]) -> dict[str, float]:
+    present = [table[t] for t in QUESTION_TYPES if t in table]
+    return {**table, "mean": sum(present) / len(present) if present else 0.0}
+
+
+def build_metrics(preds, blind, train, caption_metrics=None, leakage=None) -> dict:
+    metrics = {
+        "accuracy": with_mean(per_type_accuracy(preds)),
+        "blind_accuracy": with_mean(per_type_accuracy(blind)),
+        "majority_accuracy": with_mean(majority_accuracy(train, preds)),
+        "num_questions": {t: sum(1 for r in preds if r.get("question_type") == t) for t in QUESTION_TYPES},
+    }
+    if caption_metrics:
+        metrics["caption"] = caption_metrics
+    if leakage is not None:
+        metrics["shared_images_across_splits"] = leakage
+    return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    acc, blind, major = metrics["accuracy"], metrics["blind_accuracy"], metrics["majority_accuracy"]
+    types = ", ".join(f"{t} {acc.get(t, 0):.2f}" for t in QUESTION_TYPES)
+    return [f"trained model: mean accuracy {acc['mean']:.2f} ({types})",
+            f"blind control (blank images): mean {blind['mean']:.2f}; majority class: mean {major['mean']:.2f}"]
+
+
+def write_markdown(metrics: dict, plots: dict[str, str], out_dir: str, notes: list[str]) -> str:
+    rows = ["| question type | trained | blind | majority | questions |", "|---|---|---|---|---|"]
+    for t in (*QUESTION_TYPES, "mean"):
+        rows.append(f"| {t} | {metrics['accuracy'].get(t, 0):.3f} | {metrics['blind_accuracy'].get(t, 0):.3f} | "
+                    f"{metrics['majority_accuracy'].get(t, 0):.3f} | {metrics['num_questions'].get(t, '')} |")
+    parts = ["# Demo report: does the model look at the image?", "", *summary_lines(metrics), "", *rows, ""]
+    if "caption" in metrics:
+        caption = metrics["caption"]
+        keys = [k for k in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr") if k in caption]
+        parts += ["## Captions (pycocoevalcap)", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                  "| " + " | ".join(f"{caption[k]:.3f}" for k in keys) + " |", ""]
+    parts += [f"![{name}]({os.path.basename(path)})" for name, path in plots.items()] + [""] + notes
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preds", required=True)
+    parser.add_argument("--blind-preds", required=True)
+    parser.add_argument("--train", required=True, help="training split (for the majority class)")
+    parser.add_argument("--trainer-state", default=None)
+    parser.add_argument("--caption-metrics", default=None, help="metrics.json of eval.score on the predictions")
+    parser.add_argument("--leakage", default=None, help="partition's leakage_report.json")
+    parser.add_argument("--note", action="append", default=[])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    with open(args.train) as f:
+        train = json.load(f)
+    caption = None
+    if args.caption_metrics and os.path.isfile(args.caption_metrics):
+        with open(args.caption_metrics) as f:
+            scored = json.load(f)
+        caption = {k: v for k, v in scored.get("caption", scored).items() if isinstance(v, (int, float))}
+    leakage = None
+    if args.leakage and os.path.isfile(args.leakage):
+        with open(args.leakage) as f:
+            leakage = json.load(f).get("shared_images", json.load(open(args.leakage)))
+    metrics = build_metrics(load_predictions(args.preds), load_predictions(args.blind_preds), train, caption, leakage)
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    plots = {"accuracy by question type": plot_accuracy_bars(
+        {"trained": metrics["accuracy"], "blind": metrics["blind_accuracy"], "majority": metrics["majority_accuracy"]},
+        os.path.join(args.out, "accuracy_by_type.png"), title="Trained vs blind vs majority class")}
+    if args.trainer_state and os.path.isfile(args.trainer_state):
+        plots["loss"] = plot_loss_curve(args.trainer_state, os.path.join(args.out, "loss_curve.png"))
+    write_markdown(metrics, plots, args.out, args.note)
+    print("\n".join(summary_lines(metrics)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
