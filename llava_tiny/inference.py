@@ -114,7 +114,8 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
     model = loaded.model
     llava = base_model(model)
     device, dtype = llava.device, llava.dtype
-    input_ids, attention_mask, position_ids = left_pad([p.input_ids for p in prompts], _pad_id(loaded))
+    pad_id = _pad_id(loaded)
+    input_ids, attention_mask, position_ids = left_pad([p.input_ids for p in prompts], pad_id)
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
               "position_ids": position_ids.to(device)}
     images = [image for p in prompts for image in p.images]
@@ -132,7 +133,7 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
     else:  # stop a saved generation_config's sampling defaults from producing warnings
         decoding.update(temperature=None, top_p=None, top_k=None)
     output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids,
-                            pad_token_id=_pad_id(loaded), use_cache=True, **decoding)
+                            pad_token_id=pad_id, use_cache=True, **decoding)
     new_tokens = output[:, input_ids.shape[1]:].tolist()
     stops = set(stop_ids)
     return [loaded.tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True).strip()
