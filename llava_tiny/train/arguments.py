@@ -63,6 +63,8 @@ class TrainingArguments(transformers.TrainingArguments):
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate (own parameter group)."})
     mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "Vision tower learning rate when unfrozen."})
     group_by_modality_length: bool = field(default=False, metadata={"help": "Batches of image-only or text-only samples, grouped by length."})
+    packing: bool = field(default=False, metadata={"help": "Padding-free batches: each batch packed into one row, attention kept within each sample, logits only for supervised tokens (sdpa or flash_attention_2)."})
+    chunked_ce: bool = field(default=False, metadata={"help": "Compute the loss from hidden states in chunks: no full-vocabulary logits for every position at once."})
     cache_dir: str | None = None
     mpt_attn_impl: str | None = None
     remove_unused_columns: bool = False
@@ -161,7 +163,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         raise ValueError(f"--mm_patch_merge_type {model_args.mm_patch_merge_type!r}: only 'flat' is supported")
     if training_args.bits not in (4, 8, 16):
         raise ValueError(f"--bits {training_args.bits}: expected 4, 8 or 16")
+    if training_args.skip_nan_steps and training_args.deepspeed:
+        raise ValueError("--skip_nan_steps cannot be used with --deepspeed: DeepSpeed applies the update inside "
+                         "backward, so a step cannot be dropped after its loss is seen. Without it, the run stops at "
+                         "a NaN/inf loss with the step, the sample ids and the last good checkpoint")
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if training_args.chunked_ce and transformers.integrations.is_deepspeed_zero3_enabled():
+        # Recomputing a chunk re-runs lm_head in backward, where ZeRO-3 hands a frozen lm_head's
+        # partitioned (empty) weight: torch.utils.checkpoint then fails on the mismatch.
+        raise ValueError("--chunked_ce cannot run under ZeRO-3; use ZeRO-2, or drop --chunked_ce (with --packing "
+                         "logits are computed only for supervised tokens)")
     _configure_reporting(training_args)
     return model_args, data_args, training_args

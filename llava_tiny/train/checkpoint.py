@@ -9,7 +9,9 @@ parameter slipped through, and saving it would write a checkpoint that cannot be
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -75,3 +77,27 @@ def load_trained(model, recipe: str, checkpoint_dir: str) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"{checkpoint_dir}: weights the model does not have: {unexpected[:5]}")
+
+
+# In a checkpoint only to resume from it (optimizer, scheduler, RNG, DeepSpeed engine); not in a final model.
+_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "latest", "zero_to_fp32.py", "trainer_state.json")
+
+
+def saved_at_last_step(checkpoint_dir: str) -> bool:
+    """Whether the checkpoint is the run's last step (HF saves one there with --save_strategy steps)."""
+    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+        state = json.load(f)
+    return 0 < state.get("max_steps", 0) <= state["global_step"]
+
+
+def finish_from_last_step(checkpoint_dir: str, output_dir: str, load_best_model_at_end: bool = False) -> None:
+    """Write the final model folder from a last-step checkpoint: what the final save writes, with
+    trainer_state.json last. (Resumed there, the HF Trainer would train one step past max_steps.)"""
+    with open(os.path.join(checkpoint_dir, "trainer_state.json")) as f:
+        best = json.load(f).get("best_model_checkpoint")
+    source = best if load_best_model_at_end and best and os.path.isdir(best) else checkpoint_dir
+    for name in sorted(os.listdir(source)):
+        path = os.path.join(source, name)
+        if os.path.isfile(path) and name not in _RESUME_ONLY and not name.startswith("rng_state"):
+            shutil.copy2(path, os.path.join(output_dir, name))
+    shutil.copy2(os.path.join(checkpoint_dir, "trainer_state.json"), os.path.join(output_dir, "trainer_state.json"))

@@ -24,13 +24,21 @@ class BadSamplesError(ValueError):
     """Samples that cannot be used; the message lists their ids and what is wrong."""
 
 
+class ImageDecodeError(RuntimeError):
+    """An image that passed the pre-training check but fails to decode when used; names the sample and path."""
+
+
 def load_samples(path: str) -> list[dict]:
     """Read LLaVA data: a JSON list of samples or JSONL (one sample per line)."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+    data = None
+    if not path.endswith(".jsonl"):  # .jsonl is read line by line: a one-line JSONL file is valid JSON too
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    if data is None:
         data = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -58,12 +66,20 @@ def sample_images(sample: dict) -> list[str]:
 
 
 def _image_problem(path: str) -> str | None:
-    """Quick check: the file exists and its header parses (a full decode happens when used)."""
+    """Quick check: the file exists and its header parses (a full decode happens when used).
+
+    `verify()` reads a PNG to its end (chunk CRCs) but not a JPEG's scan data, so a JPEG cut short by
+    an interrupted download would pass it: JPEGs are decoded at 1/8 scale instead (cheap, reads every byte).
+    """
     if not os.path.isfile(path):
         return "missing"
     try:
         with Image.open(path) as img:
-            img.verify()
+            if img.format == "JPEG":
+                img.draft("RGB", (1, 1))
+                img.load()
+            else:
+                img.verify()
     except Exception as err:  # PIL raises many types for bad files
         return f"corrupt ({type(err).__name__}: {err})"
     return None
@@ -79,11 +95,17 @@ def check_samples(samples: list[dict], image_folder: str | None, allow_outside: 
         if not isinstance(sample.get("conversations"), list):
             problems[sid] = "no 'conversations' list"
             continue
-        for rel in sample_images(sample):
+        images = sample_images(sample)
+        if not all(isinstance(rel, str) and rel for rel in images):
+            problems[sid] = f"'image' is {sample.get('image')!r}; expected a path or a list of paths"
+            continue
+        for rel in images:
             try:
                 paths.append((sid, rel, resolve_image_path(rel, image_folder, allow_outside)))
             except ImagePathError as err:
                 problems[sid] = str(err)
+            except ValueError as err:  # e.g. a NUL byte in the path
+                problems[sid] = f"image {rel!r}: {err}"
     with ThreadPoolExecutor(workers) as pool:
         for (sid, rel, _), problem in zip(paths, pool.map(lambda p: _image_problem(p[2]), paths)):
             if problem:
@@ -107,7 +129,11 @@ class LazySupervisedDataset(Dataset):
         self.image_aspect_ratio = image_aspect_ratio
         self.model_max_length = model_max_length
         self.allow_outside = allow_images_outside_folder
+        self.skip_bad_samples = skip_bad_samples
+        self.max_bad_sample_fraction = max_bad_sample_fraction
+        self.report_dir = report_dir
         samples = load_samples(data_path)
+        self.num_records = len(samples)
         problems = check_samples(samples, image_folder, allow_images_outside_folder)
         problems.update(self._unfit_samples(samples, problems))
         if problems:
@@ -119,13 +145,33 @@ class LazySupervisedDataset(Dataset):
             if len(problems) > max_bad_sample_fraction * len(samples):
                 raise BadSamplesError(summary + f"\nmore than {max_bad_sample_fraction:.1%} of the data is bad; stopping")
             logger.warning("%s\nskipping them (--skip_bad_samples)", summary)
-            if report_dir:
-                os.makedirs(report_dir, exist_ok=True)
-                with open(os.path.join(report_dir, "skipped_samples.json"), "w") as f:
-                    json.dump(problems, f, indent=2)
         self.samples = [s for i, s in enumerate(samples) if sample_id(s, i) not in problems]
         self.ids = [sample_id(s, i) for i, s in enumerate(samples) if sample_id(s, i) not in problems]
         self.skipped = problems
+        if problems:
+            self._write_skipped_report("skipped_samples.json")
+
+    def _write_skipped_report(self, name: str) -> None:
+        if self.report_dir:
+            os.makedirs(self.report_dir, exist_ok=True)
+            with open(os.path.join(self.report_dir, name), "w") as f:
+                json.dump(self.skipped, f, indent=2)
+
+    def record_skipped(self, problems: dict[str, str], process_index: int = 0) -> None:
+        """Count and record samples skipped mid-run (`__getitem__` with --skip_bad_samples), in the training
+        process: the file lists them with the ones skipped before training; too many stop the run."""
+        new = {sid: why for sid, why in problems.items() if sid not in self.skipped}
+        if not new:
+            return
+        self.skipped.update(new)
+        logger.warning("%d sample(s) skipped so far (--skip_bad_samples), listed in %s", len(self.skipped),
+                       os.path.join(self.report_dir or "", "skipped_samples.json"))
+        self._write_skipped_report("skipped_samples.json" if process_index == 0
+                                   else f"skipped_samples.rank{process_index}.json")
+        if len(self.skipped) > self.max_bad_sample_fraction * self.num_records:
+            listing = "\n".join(f"  {sid}: {why}" for sid, why in new.items())
+            raise BadSamplesError(f"{self.data_path}: {len(self.skipped)} of {self.num_records} samples are bad, more "
+                                  f"than {self.max_bad_sample_fraction:.1%}; stopping. Found during training:\n{listing}")
 
     def _unfit_samples(self, samples, known) -> dict[str, str]:
         """Samples whose conversation is malformed or cannot fit (labels would be all -100)."""
@@ -156,6 +202,25 @@ class LazySupervisedDataset(Dataset):
         return lengths
 
     def __getitem__(self, index: int) -> dict:
+        if not self.skip_bad_samples:
+            return self._load_item(index)
+        # A sample whose image fails to decode is replaced by the next one that loads; the batch
+        # carries the skipped ids to the training process (CollatorWithSkippedSamples, record_skipped).
+        skipped = {}
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            try:
+                item = self._load_item(candidate)
+            except ImageDecodeError as err:
+                logger.warning("%s; skipping it (--skip_bad_samples)", err)
+                skipped[self.ids[candidate]] = str(err)
+                continue
+            if skipped:
+                item["skipped_samples"] = skipped
+            return item
+        raise BadSamplesError(f"{self.data_path}: no sample's images could be decoded: {skipped}")
+
+    def _load_item(self, index: int) -> dict:
         sample, sid = self.samples[index], self.ids[index]
         paths = sample_images(sample)
         tokens = tokenize_conversation(sample["conversations"], self.tokenizer, self.template, self.num_image_tokens,
@@ -168,9 +233,24 @@ class LazySupervisedDataset(Dataset):
                 try:
                     images.append(load_image(path))
                 except Exception as err:
-                    raise RuntimeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
+                    raise ImageDecodeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
             item["pixel_values"] = preprocess_images(images, self.image_processor, self.image_aspect_ratio)
         return item
+
+
+class CollatorWithSkippedSamples:
+    """Wraps a collator: samples skipped while loading ride along in the batch as `skipped_samples`, so
+    the training process counts and records them even when dataloader workers (other processes) hit them."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = self.collator(items)
+        skipped = {sid: why for item in items for sid, why in item.get("skipped_samples", {}).items()}
+        if skipped:
+            batch["skipped_samples"] = skipped
+        return batch
 
 
 class DataCollatorForSupervisedDataset:

@@ -20,8 +20,12 @@ from transformers import set_seed
 
 from ..model.builder import assemble_model, load_projector_weights, resolve_dtype
 from .arguments import parse_args
-from .dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
+from .checkpoint import finish_from_last_step, saved_at_last_step
+from .dataset import LazySupervisedDataset
+from .fast_path import run_frozen_tower_without_grad
+from .packing import make_data_collator, use_packed_attention
 from .recipes import apply_recipe, recipe_name
+from .safety import PreemptionCallback, explain_disk_full, remove_incomplete_checkpoints
 from .trainer import LlavaTrainer, newest_checkpoint
 
 logger = logging.getLogger("llava_tiny.train")
@@ -30,7 +34,7 @@ RUN_ARGS_FILE = "run_args.json"
 # Flags that may change between an interrupted run and its rerun.
 _RERUN_FREE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "local_rank", "report_to",
                "logging_dir", "run_name", "dataloader_num_workers", "disable_tqdm", "use_cpu", "deepspeed",
-               "gradient_checkpointing_kwargs", "skip_bad_samples", "max_bad_sample_fraction"}
+               "gradient_checkpointing_kwargs", "skip_bad_samples", "max_bad_sample_fraction", "skip_nan_steps"}
 
 
 def _run_signature(model_args, data_args, training_args) -> dict:
@@ -120,11 +124,19 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
         training_args.disable_tqdm = not sys.stderr.isatty()  # plain log lines in a log file
     recipe = recipe_name(model_args, training_args)
     resume = resolve_resume(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        remove_incomplete_checkpoints(training_args.output_dir)  # left by a save that was killed
     _barrier()
     if training_args.process_index == 0:
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, RUN_ARGS_FILE), "w") as f:
             json.dump(_run_signature(model_args, data_args, training_args), f, indent=2)
+    if resume and not training_args.resume_from_checkpoint and saved_at_last_step(resume):
+        # The run was killed in its final save: its last checkpoint already is the final model.
+        if training_args.process_index == 0:
+            finish_from_last_step(resume, training_args.output_dir, training_args.load_best_model_at_end)
+        logger.info("%s is the last step of this run: wrote the final model from it", resume)
+        return
 
     set_seed(training_args.seed)  # the projector's initial weights depend on it
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,6 +145,11 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
     strategy = "full" if model_args.mm_vision_select_feature == "cls_patch" else None
     if model_args.vision_tower is None:
         raise ValueError("--vision_tower is required (a CLIP or SigLIP vision model)")
+    adapter = model_args.pretrain_mm_mlp_adapter
+    if adapter and adapter.endswith((".bin", ".pt", ".pth")):  # LLaVA's released stage-1 projectors are pickles
+        raise ValueError(f"--pretrain_mm_mlp_adapter {adapter}: pickled weights are never loaded here (unpickling can "
+                         "run code, CVE-2025-32434); convert it first: python scripts/convert_bin_to_safetensors.py "
+                         f"{adapter} CONVERTED_DIR, then pass CONVERTED_DIR")
     loaded = assemble_model(model_args.model_name_or_path, model_args.vision_tower,
                             mm_projector_type=model_args.mm_projector_type,
                             mm_vision_select_layer=model_args.mm_vision_select_layer, vision_select_strategy=strategy,
@@ -144,6 +161,9 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
         logger.info("projector initialised from %s", model_args.pretrain_mm_mlp_adapter)
     loaded.tokenizer.model_max_length = training_args.model_max_length
     model = apply_recipe(loaded.model, recipe, model_args, training_args)
+    run_frozen_tower_without_grad(model)
+    if training_args.packing:
+        use_packed_attention(model)
 
     def dataset(path):
         return LazySupervisedDataset(
@@ -158,12 +178,23 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
     trainer = LlavaTrainer(
         model=model, args=training_args, train_dataset=dataset(data_args.data_path),
         eval_dataset=dataset(data_args.eval_data_path) if data_args.eval_data_path else None,
-        data_collator=DataCollatorForSupervisedDataset(loaded.tokenizer.pad_token_id),
+        data_collator=make_data_collator(loaded.tokenizer.pad_token_id, training_args.packing),
         processing_class=loaded.processor, recipe=recipe)
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_state()
-    trainer.save_model(training_args.output_dir)
-    logger.info("saved the %s checkpoint to %s", recipe, training_args.output_dir)
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    with preemption.handling_signals():
+        trainer.train(resume_from_checkpoint=resume)
+    out = training_args.output_dir
+    if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
+        logger.warning("stopped by %s at step %d of %d: saved %s; rerun the same command to resume from it",
+                       preemption.received, trainer.state.global_step, trainer.state.max_steps,
+                       newest_checkpoint(out))
+        return  # no final save: the folder must still read as an interrupted run
+    with explain_disk_full(out, lambda: trainer.checkpoint_bytes_needed(include_optimizer=False),
+                           newest_checkpoint(out)):
+        trainer.save_model(out)
+        trainer.save_state()  # last: trainer_state.json marks the run finished (resolve_resume)
+    logger.info("saved the %s checkpoint to %s", recipe, out)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,21 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_pt_utils import get_parameter_names
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .checkpoint import load_trained, save_trained
+from .dataset import CollatorWithSkippedSamples
+from .fast_path import chunked_causal_lm_loss
+from .safety import (IgnorePreemptionInWorkers, NonFiniteLossGuard, explain_disk_full, pause_mid_save_for_tests,
+                     publish_checkpoint, staging_dir, tensor_bytes)
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +70,27 @@ class LlavaTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.last_sample_ids: list[str] = []
+        if self.data_collator is not None:  # samples skipped mid-run travel in the batch to this process
+            self.data_collator = CollatorWithSkippedSamples(self.data_collator)
+        self.nan_guard = NonFiniteLossGuard(getattr(self.args, "skip_nan_steps", False), self.args.output_dir,
+                                            lambda: newest_checkpoint(self.args.output_dir),
+                                            write_report=self.args.should_save)
+        self.add_callback(self.nan_guard)
+        self._staging_run_dir: str | None = None
 
     # --- batches -------------------------------------------------------------------------
+    def _get_dataloader(self, *args, **kwargs):
+        dataloader = super()._get_dataloader(*args, **kwargs)
+        if dataloader.num_workers:  # a preemption signal must not kill the workers (safety.PreemptionCallback)
+            torch_loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the DataLoader
+            torch_loader.worker_init_fn = IgnorePreemptionInWorkers(torch_loader.worker_init_fn)
+        return dataloader
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.group_by_modality_length:
+        # Also for --train_sampling_strategy group_by_length: the stock sampler would load every sample
+        # (decoding its image) just to measure its length.
+        if self.args.group_by_modality_length or self.args.train_sampling_strategy == "group_by_length":
             batch = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
             return ModalityLengthGroupedSampler(dataset.modality_lengths, batch, self.args.data_seed or self.args.seed)
         return super()._get_train_sampler(train_dataset)
@@ -96,10 +119,28 @@ class LlavaTrainer(Trainer):
     # --- loss ----------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.last_sample_ids = inputs.pop("sample_ids", [])
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        skipped = inputs.pop("skipped_samples", None)
+        if skipped and hasattr(self.train_dataset, "record_skipped"):
+            self.train_dataset.record_skipped(skipped, self.args.process_index)
+        if self.args.chunked_ce and not return_outputs:
+            loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # As Trainer.compute_loss: the token count is global and DDP/DeepSpeed average over ranks.
+                loss = loss * self.accelerator.num_processes
+            return self._checked_loss(model, loss)
+        return self._checked_loss(model, super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                                              num_items_in_batch=num_items_in_batch))
+
+    def _checked_loss(self, model, result):
+        """A NaN/inf training loss is caught here, before backward (see safety.NonFiniteLossGuard)."""
+        if model.training:
+            loss = result[0] if isinstance(result, tuple) else result
+            self.nan_guard.check(loss, self.state.global_step + 1, self.last_sample_ids)
+        return result
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("sample_ids", None)
+        inputs.pop("skipped_samples", None)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -113,6 +154,7 @@ class LlavaTrainer(Trainer):
         with torch.no_grad():
             for inputs in dataloader:
                 inputs.pop("sample_ids", None)
+                inputs.pop("skipped_samples", None)  # logged by the dataset; eval skips are not trained on
                 inputs = self._prepare_inputs(inputs)
                 tokens = (inputs["labels"][:, 1:] != -100).sum()
                 loss = model(**inputs).loss
@@ -128,12 +170,53 @@ class LlavaTrainer(Trainer):
         return metrics
 
     # --- checkpoints ---------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        # While a checkpoint is written, HF's "run dir" is its staging folder (see _save_checkpoint).
+        return self._staging_run_dir or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """checkpoint-N appears complete or not at all: HF writes it as tmp-checkpoint-N/checkpoint-N, renamed
+        to checkpoint-N once weights, optimizer and trainer_state.json are on disk; only then are old ones
+        rotated away (save_total_limit), so rotation and resume only ever see complete checkpoints."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging, final = staging_dir(run_dir, self.state.global_step), os.path.join(run_dir, name)
+        self._staging_run_dir = staging
+        try:
+            with explain_disk_full(staging, self.checkpoint_bytes_needed, newest_checkpoint(run_dir),
+                                   partial=staging if self.args.should_save else None):
+                super()._save_checkpoint(model, trial)
+                if self.args.should_save and self.state.best_model_checkpoint == os.path.join(staging, name):
+                    self.state.best_model_checkpoint = final  # recorded while it was still in staging
+                    self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()  # every process has written its part
+        if self.args.should_save:
+            publish_checkpoint(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint_bytes_needed(self, include_optimizer: bool = True) -> int:
+        """About what a save writes: the weights (all for 'full', the trained ones otherwise) and, for a
+        resumable checkpoint, the optimizer state."""
+        model = self.accelerator.unwrap_model(self.model)
+        params = model.parameters() if self.recipe == "full" else (p for p in model.parameters() if p.requires_grad)
+        total = tensor_bytes(params)
+        if include_optimizer and self.optimizer is not None and not self.args.save_only_model:
+            states = getattr(self.optimizer, "state", {}).values()
+            total += tensor_bytes(t for state in states if isinstance(state, dict) for t in state.values())
+        return total
+
     def _save(self, output_dir=None, state_dict=None):
         if not self.args.should_save:
             return
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model)
         save_trained(model, self.recipe, self.processing_class, output_dir, state_dict=state_dict)
+        if self._staging_run_dir:
+            pause_mid_save_for_tests(self.state.global_step)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled:  # the engine checkpoint (global_step*/) restores everything

@@ -1,0 +1,168 @@
+"""Describe split files per split and per source: sizes, turns, answer and token lengths, types.
+
+    python -m data_tools.stats --data data/sets/data_train.json data/sets/data_val.json \\
+        data/sets/data_test.json --out-dir data/stats [--tokenizer DIR --version llava_v1]
+
+Prints a markdown table; with --out-dir also writes stats.md and stats.png (histograms of answer
+length in words and, with --tokenizer, of token length as training counts it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+
+import numpy as np
+
+from .filter import UNKNOWN_SOURCE, SourceRule
+from .io import add_report_argument, check_output_path, cli_errors, load_samples, sample_images, write_report
+from .token_lengths import length_summary, load_tokenizer, measure_token_lengths
+
+ALL_SOURCES = "(all)"
+HISTOGRAM_BINS = 30
+
+
+def _answers(sample: dict) -> list[str]:
+    turns = sample.get("conversations") or []
+    return [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
+
+
+def describe(samples: list[dict], token_lengths: dict[int, int] | None = None, indices=None) -> dict:
+    """Counts and length summaries of `samples` (or of the ones at `indices`)."""
+    indices = range(len(samples)) if indices is None else indices
+    chosen = [samples[i] for i in indices]
+    images = {p for s in chosen for p in sample_images(s) if isinstance(p, str)}
+    answer_words = [len(a.split()) for s in chosen for a in _answers(s)]
+    turns = [len(s.get("conversations") or []) // 2 for s in chosen]
+    row = {
+        "samples": len(chosen),
+        "images": len(images),
+        "text_only": sum(1 for s in chosen if not sample_images(s)),
+        "turns": sum(turns),
+        "turns_per_sample": round(sum(turns) / len(chosen), 2) if chosen else None,
+        "answer_words": length_summary(answer_words),
+        "answer_words_histogram": {str(n): c for n, c in sorted(Counter(answer_words).items())},
+        "question_types": dict(Counter(str(s.get("question_type", "(none)")) for s in chosen).most_common()),
+        "answer_types": dict(Counter(str(s.get("answer_type", "(none)")) for s in chosen).most_common()),
+    }
+    if token_lengths is not None:
+        row["tokens"] = length_summary([token_lengths[i] for i in indices if i in token_lengths])
+    return row
+
+
+def split_name(path: str) -> str:
+    """`data/sets/data_train.json` -> `train`; other files keep their base name."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return stem[len("data_"):] if stem.startswith("data_") else stem
+
+
+def _cell(summary: dict | None, keys=("mean", "p95", "max")) -> str:
+    if not summary or summary.get("count") in (0, None):
+        return "-"
+    return " / ".join(str(summary[k]) for k in keys)
+
+
+def markdown_table(stats: dict, with_tokens: bool) -> str:
+    """One row per (split, source): the table printed and written to stats.md."""
+    header = ["split", "source", "samples", "images", "text-only", "turns/sample", "answer words mean / p95 / max"]
+    if with_tokens:
+        header.append("tokens median / p95 / max")
+    header.append("question types")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for split, per_source in stats.items():
+        for source, row in per_source.items():
+            cells = [split, source, row["samples"], row["images"], row["text_only"], row["turns_per_sample"],
+                     _cell(row["answer_words"])]
+            if with_tokens:
+                cells.append(_cell(row.get("tokens"), ("median", "p95", "max")))
+            types = ", ".join(f"{k} {v}" for k, v in list(row["question_types"].items())[:6])
+            cells.append(types)
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_histograms(answer_words: dict[str, list[int]], tokens: dict[str, list[int]] | None, path: str) -> None:
+    """Histograms per split (answer words; token lengths when measured) into one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display on a batch node
+    import matplotlib.pyplot as plt
+
+    panels = [("answer length (words)", answer_words)] + ([("tokens per sample", tokens)] if tokens else [])
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for axis, (title, per_split) in zip(axes[0], panels):
+        everything = [v for values in per_split.values() for v in values]
+        if not everything:
+            continue
+        # Shared bins and per-split fractions, so splits of different sizes compare directly.
+        low, high = min(everything), max(everything)
+        bins = (np.arange(low, high + 2) - 0.5 if high - low < HISTOGRAM_BINS
+                else np.histogram_bin_edges(everything, bins=HISTOGRAM_BINS))
+        for split, values in per_split.items():
+            if values:
+                axis.hist(values, bins=bins, weights=np.full(len(values), 1 / len(values)), histtype="step",
+                          linewidth=1.5, label=f"{split} ({len(values)})")
+        axis.set_title(title)
+        axis.set_ylabel("fraction of the split")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.stats", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, nargs="+", help="one or more LLaVA JSON/JSONL files (e.g. splits)")
+    parser.add_argument("--source-rule", default="auto",
+                        help="auto (the `source` field, else the image's first folder) | prefix | field:NAME | "
+                             "regex:PATTERN (default auto)")
+    parser.add_argument("--tokenizer", help="tokenizer folder: also measure token lengths as training will")
+    parser.add_argument("--version", default="llava_v1", help="conversation template (default llava_v1)")
+    parser.add_argument("--num-image-tokens", type=int, default=576, help="placeholders per <image> (default 576)")
+    parser.add_argument("--out-dir", help="write stats.md and stats.png here")
+    add_report_argument(parser)
+    return parser
+
+
+@cli_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    outputs = [os.path.join(args.out_dir, n) for n in ("stats.md", "stats.png")] if args.out_dir else []
+    for path in [*outputs, args.report]:
+        check_output_path(path, args.data)
+    rule = SourceRule.parse(args.source_rule)
+    if args.tokenizer:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tokenizer = load_tokenizer(args.tokenizer, args.version) if args.tokenizer else None
+    stats, words, tokens = {}, {}, ({} if tokenizer else None)
+    for path in args.data:
+        split = split_name(path) if split_name(path) not in stats else path
+        samples = load_samples(path)
+        lengths = None
+        if tokenizer is not None:
+            lengths = measure_token_lengths(samples, list(range(len(samples))), tokenizer, args.version,
+                                            args.num_image_tokens).lengths
+            tokens[split] = list(lengths.values())
+        by_source: dict[str, list[int]] = {}
+        for index, sample in enumerate(samples):
+            by_source.setdefault(rule.source_of(sample) or UNKNOWN_SOURCE, []).append(index)
+        stats[split] = {ALL_SOURCES: describe(samples, lengths)}
+        if len(by_source) > 1:  # one source would repeat the (all) row
+            for source in sorted(by_source):
+                stats[split][source] = describe(samples, lengths, by_source[source])
+        words[split] = [len(a.split()) for s in samples for a in _answers(s)]
+    table = markdown_table(stats, tokenizer is not None)
+    print(table, end="")
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(outputs[0], "w", encoding="utf-8") as f:
+            f.write(table)
+        plot_histograms(words, tokens, outputs[1])
+        print(f"wrote {outputs[0]} and {outputs[1]}")
+    write_report(args.report, {"data": args.data, "source_rule": args.source_rule, "stats": stats})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

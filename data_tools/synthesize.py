@@ -1,0 +1,269 @@
+"""A deterministic synthetic VQA + caption set of coloured shapes (the demo's built-in data).
+
+    python -m data_tools.synthesize --out-dir data/shapes --num-images 500 --image-size 64 --seed 0 \
+        [--layout random|grid] [--question-types color shape count presence position caption]
+
+Each image holds 1-3 large shapes on a plain white background, each object with its own colour
+and its own shape, at random non-overlapping positions (or one per cell of a 2x2 grid with
+--layout grid). Every image gives six single-turn records: `color`, `shape`, `count`,
+`presence`, `position` questions and a `caption` (--question-types picks some).
+
+The answers are balanced per question type by construction: for each type a schedule holds every
+possible answer equally often (shuffled), and the image is drawn to make the scheduled answer
+true. A model therefore cannot beat chance by answering the most frequent answer, and must bind
+colour to shape (e.g. "Is there a blue circle?" is asked about a blue object and a circle that are
+not the same object when the answer is "no" and the image has two objects or more).
+
+Same arguments -> byte-identical PNGs and `dataset.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+from .io import DataToolError, add_report_argument, cli_errors, write_json, write_report
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPES = ("square", "circle", "triangle")
+COUNTS = (1, 2, 3)
+BACKGROUND = (255, 255, 255)
+QUESTION_TYPES = ("color", "shape", "count", "presence", "position", "caption")
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+SOURCE = "synthetic-shapes"
+# Shapes are large (30% of the side) so a tiny vision tower sees them at 64x64; an object asked
+# about in a position question sits at least 10% of the side away from the vertical midline.
+OBJECT_FRACTION = 0.3
+POSITION_MARGIN = 0.1
+MIN_IMAGE_SIZE = 16
+LAYOUTS = ("random", "grid")
+GRID = 2  # cells per side of the grid layout
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    color: str
+    shape: str
+    x: int  # top-left corner of the object's square bounding box
+    y: int
+    side: int
+
+    @property
+    def center_x(self) -> float:
+        return self.x + (self.side - 1) / 2
+
+    def side_of_image(self, image_size: int) -> str:
+        return "left" if self.center_x < image_size / 2 else "right"
+
+
+def _balanced(values, n: int, rng: random.Random) -> list:
+    """`n` draws where every value occurs equally often (up to one), in random order."""
+    values = list(values)
+    schedule = (values * math.ceil(n / len(values)))[:n]
+    rng.shuffle(schedule)
+    return schedule
+
+
+def _place_on_grid(rng: random.Random, count: int, size: int, side: int, anchored: int,
+                   anchored_side: str) -> list[tuple]:
+    """Top-left corners of objects centred in distinct cells of a 2x2 grid."""
+    cell = size // GRID
+    column = 0 if anchored_side == "left" else GRID - 1
+    anchored_cell = (column, rng.randrange(GRID))
+    others = [(c, r) for r in range(GRID) for c in range(GRID) if (c, r) != anchored_cell]
+    cells = rng.sample(others, count - 1)
+    cells.insert(anchored, anchored_cell)
+    return [(c * cell + (cell - side) // 2, r * cell + (cell - side) // 2) for c, r in cells]
+
+
+def _place(rng: random.Random, count: int, size: int, side: int, anchored: int, anchored_side: str) -> list[tuple]:
+    """Random non-overlapping top-left corners; object `anchored` lies clearly on `anchored_side`."""
+    gap = max(1, size // 32)
+    low, high = 1, size - side - 1
+    margin = POSITION_MARGIN * size
+    for _ in range(1000):
+        corners: list[tuple[int, int]] = []
+        for index in range(count):
+            for _ in range(200):
+                x, y = rng.randint(low, high), rng.randint(low, high)
+                center = x + (side - 1) / 2
+                if index == anchored:
+                    wanted = center <= size / 2 - margin if anchored_side == "left" else center >= size / 2 + margin
+                    if not wanted:
+                        continue
+                if all(x + side + gap <= ox or ox + side + gap <= x or y + side + gap <= oy or oy + side + gap <= y
+                       for ox, oy in corners):
+                    corners.append((x, y))
+                    break
+            else:
+                break
+        if len(corners) == count:
+            return corners
+    raise DataToolError(f"cannot place {count} shapes of {side}px in a {size}px image; use a larger --image-size")
+
+
+def _scene(rng: random.Random, size: int, count: int, color_answer: str, shape_answer: str,
+           position_answer: str, layout: str) -> tuple[list[ShapeObject], int, int, int]:
+    """Objects making the scheduled answers true, and which object each question is about."""
+    color_target, shape_target, position_target = (rng.randrange(count) for _ in range(3))
+    others = [c for c in COLORS if c != color_answer]
+    rng.shuffle(others)
+    colors = others[: count - 1]
+    colors.insert(color_target, color_answer)
+    other_shapes = [s for s in SHAPES if s != shape_answer]
+    rng.shuffle(other_shapes)
+    shapes = other_shapes[: count - 1]
+    shapes.insert(shape_target, shape_answer)
+    if layout == "grid":
+        side = min(round(size * OBJECT_FRACTION), round(size // GRID * 0.8))
+        corners = _place_on_grid(rng, count, size, side, position_target, position_answer)
+    else:
+        side = max(4, round(size * OBJECT_FRACTION))
+        corners = _place(rng, count, size, side, position_target, position_answer)
+    objects = [ShapeObject(c, s, x, y, side) for c, s, (x, y) in zip(colors, shapes, corners)]
+    return objects, color_target, shape_target, position_target
+
+
+def draw_scene(objects: list[ShapeObject], size: int) -> Image.Image:
+    """Draw the objects without anti-aliasing, so every object pixel has its exact colour."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for obj in objects:
+        x0, y0, x1, y1 = obj.x, obj.y, obj.x + obj.side - 1, obj.y + obj.side - 1
+        fill = COLORS[obj.color]
+        if obj.shape == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        elif obj.shape == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    return image
+
+
+def caption_for(objects: list[ShapeObject]) -> str:
+    """A caption such as "a red square, a green triangle and a blue circle." (left to right, then top down)."""
+    names = [f"a {o.color} {o.shape}" for o in sorted(objects, key=lambda o: (o.center_x, o.y))]
+    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return text + "."
+
+
+def _record(image_index: int, image: str, question_type: str, question: str, answer: str) -> dict:
+    return {
+        "id": f"shapes-{image_index:05d}-{question_type}",
+        "image": image,
+        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+        "question_type": question_type,
+        "answer_type": "closed" if answer in ("yes", "no") else "open",
+        "references": [answer],
+        "source": SOURCE,
+    }
+
+
+def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: int = 0, layout: str = "random",
+               question_types=QUESTION_TYPES) -> str:
+    """Write `out_dir/images/*.png` and `out_dir/dataset.json`; return the dataset path.
+
+    `layout` "random" puts objects anywhere (not overlapping), "grid" in the cells of a 2x2 grid.
+    Only records of `question_types` are written; the images do not depend on that choice. The
+    same arguments give byte-identical files.
+    """
+    unknown = sorted(set(question_types) - set(QUESTION_TYPES))
+    if unknown or not question_types:
+        raise DataToolError(f"question types {unknown or '(none)'}; expected some of {list(QUESTION_TYPES)}")
+    if layout not in LAYOUTS:
+        raise DataToolError(f"layout {layout!r}; expected one of {list(LAYOUTS)}")
+    if num_images < 1:
+        raise DataToolError(f"--num-images must be at least 1, got {num_images}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise DataToolError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    rng = random.Random(seed)
+    # One balanced schedule per question type, each answer equally frequent.
+    counts = _balanced(COUNTS, num_images, rng)
+    color_answers = _balanced(COLORS, num_images, rng)
+    shape_answers = _balanced(SHAPES, num_images, rng)
+    presence_answers = _balanced(("yes", "no"), num_images, rng)
+    position_answers = _balanced(("left", "right"), num_images, rng)
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records = []
+    for i in range(num_images):
+        objects, color_t, shape_t, position_t = _scene(rng, image_size, counts[i], color_answers[i],
+                                                       shape_answers[i], position_answers[i], layout)
+        image = f"images/{i:05d}.png"
+        draw_scene(objects, image_size).save(os.path.join(out_dir, image), format="PNG")
+        present = {(o.color, o.shape) for o in objects}
+        if presence_answers[i] == "yes":
+            asked = rng.choice(objects)
+            asked_pair = (asked.color, asked.shape)
+        else:
+            # Prefer a colour and a shape that are both in the image but on different objects.
+            unbound = [(a.color, b.shape) for a in objects for b in objects if a is not b]
+            asked_pair = rng.choice(unbound or sorted(set((c, s) for c in COLORS for s in SHAPES) - present))
+        positioned = objects[position_t]
+        records += [record for record in [
+            _record(i, image, "color", f"What color is the {objects[color_t].shape}?", objects[color_t].color),
+            _record(i, image, "shape", f"What shape is the {objects[shape_t].color} object?", objects[shape_t].shape),
+            _record(i, image, "count", "How many objects are there?", str(len(objects))),
+            _record(i, image, "presence", f"Is there a {asked_pair[0]} {asked_pair[1]}?", presence_answers[i]),
+            _record(i, image, "position", f"Is the {positioned.color} {positioned.shape} on the left or the right?",
+                    positioned.side_of_image(image_size)),
+            _record(i, image, "caption", CAPTION_PROMPT, caption_for(objects)),
+        ] if record["question_type"] in question_types]
+    path = os.path.join(out_dir, "dataset.json")
+    write_json(path, records)
+    return path
+
+
+def answer_counts(records: list[dict]) -> dict[str, dict[str, int]]:
+    """question_type -> answer -> count (captions excluded: every caption is its own answer)."""
+    table: dict[str, dict[str, int]] = {}
+    for record in records:
+        if record.get("question_type") != "caption":
+            answers = table.setdefault(record["question_type"], {})
+            answer = record["conversations"][-1]["value"]
+            answers[answer] = answers.get(answer, 0) + 1
+    return {qtype: dict(sorted(answers.items())) for qtype, answers in table.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m data_tools.synthesize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out-dir", required=True, help="writes OUT_DIR/images/*.png and OUT_DIR/dataset.json")
+    parser.add_argument("--num-images", type=int, default=500, help="images to draw (6 records each; default 500)")
+    parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="random",
+                        help="random: objects anywhere, not overlapping (default); grid: one object per cell of a "
+                             "2x2 grid (fewer distinct positions: easier to learn)")
+    parser.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES, default=list(QUESTION_TYPES),
+                        metavar="TYPE", help=f"records to write (default all: {' '.join(QUESTION_TYPES)})")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/dataset.json")
+    add_report_argument(parser)
+    return parser
+
+
+@cli_errors
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    existing = os.path.join(args.out_dir, "dataset.json")
+    if os.path.exists(existing) and not args.overwrite:
+        raise DataToolError(f"{existing} already exists; pass --overwrite to replace it")
+    path = synthesize(args.out_dir, args.num_images, args.image_size, args.seed, args.layout, args.question_types)
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    counts = answer_counts(records)
+    print(f"wrote {len(records)} records for {args.num_images} images ({args.image_size}px, {args.layout} layout) "
+          f"to {path}")
+    for qtype, answers in counts.items():
+        print(f"  {qtype:9s} " + "  ".join(f"{a}={n}" for a, n in answers.items()))
+    write_report(args.report, {"dataset": path, "num_images": args.num_images, "image_size": args.image_size,
+                               "seed": args.seed, "layout": args.layout, "question_types": args.question_types,
+                               "num_records": len(records), "answer_counts": counts})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

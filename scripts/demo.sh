@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The main job, end to end, on any machine: synthesize -> validate -> partition (by image) ->
+# train with train_mem.py under DeepSpeed ZeRO-2 -> batched generation (and a blind control with
+# blank images) -> scores, plots and a report that says whether the model looks at the image.
+#
+#   bash scripts/demo.sh [--out runs/demo] [--seed 0] [--images 3000] [--steps 700]
+#   bash scripts/demo.sh --model_name_or_path TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
+#        --vision_tower openai/clip-vit-large-patch14-336     # GPU: the real two-stage recipe
+#
+# Without real weights (none can be downloaded here) the models are tiny and random, so every part
+# (tower, projector, LLM) is trained from scratch: the "from-scratch variant".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=runs/demo SEED=0 IMAGES=3000 STEPS=700 LLM="" TOWER=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUT=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --images) IMAGES=$2; shift 2 ;;
+    --steps) STEPS=$2; shift 2 ;;
+    --model_name_or_path) LLM=$2; shift 2 ;;
+    --vision_tower) TOWER=$2; shift 2 ;;
+    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+    *) echo "demo.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+  echo "demo.sh: $OUT is not empty; choose another --out (nothing is overwritten)" >&2; exit 2
+fi
+start=$(date +%s)
+bash scripts/setup_env.sh
+export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZERS_PARALLELISM=false
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions} HF_HUB_DISABLE_PROGRESS_BARS=1
+PY=python
+step() { printf '\n== [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
+DATA=$OUT/data SETS=$OUT/data/sets MODEL=$OUT/model
+
+step "1/5 data: synthesize, validate, partition by image"
+$PY -m data_tools.synthesize --out-dir "$DATA" --num-images "$IMAGES" --image-size 48 --layout grid \
+  --question-types color shape count presence caption --seed "$SEED"
+$PY -m data_tools.validate --data "$DATA/dataset.json" --image-folder "$DATA" --report "$OUT/validate_report.json"
+$PY -m data_tools.partition --data "$DATA/dataset.json" --image-folder "$DATA" --out-dir "$SETS" --seed "$SEED"
+
+COMMON=(--data_path "$SETS/data_train.json" --eval_data_path "$SETS/data_val.json" --image_folder "$DATA"
+        --image_aspect_ratio pad --group_by_modality_length True --report_to none --seed "$SEED"
+        --dataloader_num_workers 1 --logging_steps 25 --save_strategy no)
+if [ -z "$LLM" ]; then
+  step "2/5 train (from-scratch variant: tiny random LLM + tower, every part trained)"
+  echo "No pretrained weights here, so the tower, the projector and the LLM all train from scratch."
+  echo "With real weights the GPU scripts run the two-stage recipe instead:"
+  echo "  bash scripts/pretrain.sh        # stage 1: projector only (LLM and tower frozen)"
+  echo "  bash scripts/finetune_lora.sh   # stage 2: LoRA on the LLM + projector, from stage 1"
+  echo "(this script does the same with --model_name_or_path/--vision_tower)"
+  $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size 48 --patch-size 16 \
+    --vision-hidden 64 --vision-layers 2 >/dev/null
+  NUM_GPUS=1 ZERO=zero2 MASTER_PORT=${MASTER_PORT:-29511} bash -c 'source scripts/lib/launch.sh; launch "$@"' _ \
+    --model_name_or_path "$OUT/base/llm" --vision_tower "$OUT/base/clip" --version tinyllama \
+    --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True \
+    --output_dir "$MODEL" --max_steps "$STEPS" --per_device_train_batch_size 32 --per_device_eval_batch_size 64 \
+    --learning_rate 3e-3 --warmup_ratio 0.05 --lr_scheduler_type cosine --weight_decay 0. \
+    --eval_strategy steps --eval_steps $(( STEPS / 2 )) "${COMMON[@]}"
+else
+  step "2/5 train: the two-stage recipe on real weights ($LLM + $TOWER)"
+  LLM="$LLM" VISION_TOWER="$TOWER" DATA="$SETS/data_train.json" IMAGES="$DATA" OUT="$OUT/stage1" \
+    bash scripts/pretrain.sh --num_train_epochs 1 --per_device_train_batch_size 16 --save_strategy no
+  LLM="$LLM" VISION_TOWER="$TOWER" PROJECTOR="$OUT/stage1" DATA="$SETS/data_train.json" \
+    EVAL_DATA="$SETS/data_val.json" IMAGES="$DATA" OUT="$MODEL" \
+    bash scripts/finetune_lora.sh --num_train_epochs 3 --save_strategy no --eval_strategy epoch
+fi
+
+step "3/5 generate on the test split (batched), then the blind control (blank images)"
+$PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$DATA" \
+  --out "$OUT/preds.jsonl" --batch-size 64 --max-new-tokens 24
+$PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$DATA" \
+  --out "$OUT/preds_blind.jsonl" --batch-size 64 --max-new-tokens 24 --blank-images
+
+step "4/5 score"
+$PY -m eval.score "$OUT/preds.jsonl" --out "$OUT/scores" --model-path "$MODEL"
+step "5/5 report"
+elapsed=$(( $(date +%s) - start ))
+$PY scripts/demo_report.py --preds "$OUT/preds.jsonl" --blind-preds "$OUT/preds_blind.jsonl" \
+  --train "$SETS/data_train.json" --trainer-state "$MODEL/trainer_state.json" \
+  --caption-metrics "$OUT/scores/metrics.json" --leakage "$SETS/leakage_report.json" \
+  --note "Finished in ${elapsed}s (seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"
+echo "report: $OUT/report.md   metrics: $OUT/metrics.json   (${elapsed}s)"

@@ -1,0 +1,171 @@
+"""data_tools.convert: VQA JSON/CSV, COCO captions, parquet/arrow with embedded images -> valid LLaVA JSON."""
+import csv
+import io
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from data_tools import convert
+from data_tools.testing import distinct_image
+from data_tools.validate import validate_samples
+
+
+def _png(seed):
+    buffer = io.BytesIO()
+    distinct_image(seed, 32).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _jpeg(seed):
+    buffer = io.BytesIO()
+    distinct_image(seed, 32).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_vqa_rad_style_json(tmp_path):
+    rows = [  # VQA-RAD's public JSON: image_name, question, answer (sometimes a number), answer_type, qid
+        {"qid": 1, "image_name": "synpic1.jpg", "question": "Is there a fracture?", "answer": "Yes",
+         "answer_type": "CLOSED", "question_type": "PRES"},
+        {"qid": 2, "image_name": "synpic1.jpg", "question": "How many ribs?", "answer": 12,
+         "answer_type": "OPEN", "question_type": "COUNT"},
+        {"qid": 3, "image_name": "synpic2.jpg", "question": "Which lobe?", "answer": "  ",
+         "answer_type": "OPEN", "question_type": "POS"},
+    ]
+    src, out, report = tmp_path / "vqa_rad.json", tmp_path / "out.json", tmp_path / "report.json"
+    src.write_text(json.dumps(rows))
+    assert convert.main(["vqa", "--input", str(src), "--out", str(out), "--image-prefix", "rad",
+                         "--id-prefix", "rad-", "--source", "VQA-RAD", "--report", str(report)]) == 0
+    records = json.load(open(out))
+    assert records[0] == {
+        "id": "rad-1", "image": "rad/synpic1.jpg",
+        "conversations": [{"from": "human", "value": "<image>\nIs there a fracture?"}, {"from": "gpt", "value": "Yes"}],
+        "question_type": "PRES", "answer_type": "closed", "references": ["Yes"], "source": "VQA-RAD"}
+    assert (records[1]["references"], records[1]["answer_type"]) == (["12"], "open")
+    assert len(records) == 2
+    assert json.load(open(report))["skipped"] == [{"row": 2, "id": "rad-3", "reason": "empty answer"}]
+
+
+def test_slake_style_with_where_and_custom_columns(tmp_path):
+    rows = [{"qid": 10, "img_name": "xmlab1/source.jpg", "question": "Which organ?", "answer": "Liver",
+             "answer_type": "OPEN", "q_lang": "en", "content_type": "Organ"},
+            {"qid": 11, "img_name": "xmlab1/source.jpg", "question": "哪个器官?", "answer": "肝",
+             "answer_type": "OPEN", "q_lang": "zh", "content_type": "Organ"},
+            {"qid": 12, "img_name": "xmlab2/source.jpg", "question": "Is it abnormal?", "answer": "No",
+             "answer_type": "CLOSED", "q_lang": "en", "content_type": "Abnormality"}]
+    src, out = tmp_path / "slake.json", tmp_path / "out.jsonl"
+    src.write_text(json.dumps(rows, ensure_ascii=False))
+    assert convert.main(["vqa", "--input", str(src), "--out", str(out), "--where", "q_lang=en",
+                         "--question-type-column", "content_type", "--image-prefix", "imgs",
+                         "--instruction", "Answer with a single word."]) == 0
+    records = [json.loads(line) for line in open(out)]
+    assert [r["id"] for r in records] == ["10", "12"]
+    assert [r["question_type"] for r in records] == ["Organ", "Abnormality"]
+    assert records[1]["image"] == "imgs/xmlab2/source.jpg"
+    assert records[1]["conversations"][0]["value"] == "<image>\nIs it abnormal?\nAnswer with a single word."
+
+
+def test_csv_without_answer_type_infers_it(tmp_path):
+    src, out = tmp_path / "pathvqa.csv", tmp_path / "out.json"
+    with open(src, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "question", "answer"])
+        writer.writerow(["train_0001.jpg", "is this a tumor?", "yes"])
+        writer.writerow(["train_0002.jpg", "what is present?", "necrosis"])
+    assert convert.main(["vqa", "--input", str(src), "--out", str(out)]) == 0
+    records = json.load(open(out))
+    assert [(r["id"], r["answer_type"]) for r in records] == [("0", "closed"), ("1", "open")]
+
+
+def test_vqa_errors_name_the_row_and_column(tmp_path, capsys):
+    src = tmp_path / "bad.json"
+    src.write_text(json.dumps([{"image": "a.png", "question": "Q?", "answer": "A", "answer_type": "maybe"}]))
+    assert convert.main(["vqa", "--input", str(src), "--out", str(tmp_path / "o.json")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: row 0 (sample '0')" in err and "'maybe'" in err and "closed" in err
+    src.write_text(json.dumps([{"picture": "a.png", "question": "Q?", "answer": "A"}]))
+    assert convert.main(["vqa", "--input", str(src), "--out", str(tmp_path / "o.json")]) == 2
+    assert "no image column" in capsys.readouterr().err
+    assert convert.main(["vqa", "--input", str(src), "--out", str(src)]) == 2  # never writes over its input
+
+
+COCO = {
+    "images": [{"id": 1, "file_name": "COCO_val_1.jpg"}, {"id": 2, "file_name": "COCO_val_2.jpg"},
+               {"id": 3, "file_name": "COCO_val_3.jpg"}],
+    "annotations": [{"id": 11, "image_id": 1, "caption": "A dog on a couch. "},
+                    {"id": 12, "image_id": 1, "caption": "A brown dog resting."},
+                    {"id": 21, "image_id": 2, "caption": "Two planes in the sky."},
+                    {"id": 99, "image_id": 42, "caption": "Orphan caption."}],
+}
+
+
+@pytest.mark.parametrize("mode, expected_ids", [("per-image", ["1", "2"]), ("per-caption", ["1-11", "1-12", "2-21"])])
+def test_coco_captions(tmp_path, mode, expected_ids):
+    src, out, report = tmp_path / "captions.json", tmp_path / "out.json", tmp_path / "r.json"
+    src.write_text(json.dumps(COCO))
+    assert convert.main(["coco", "--input", str(src), "--out", str(out), "--caption-mode", mode,
+                         "--image-prefix", "val2014", "--report", str(report)]) == 0
+    records = json.load(open(out))
+    assert [r["id"] for r in records] == expected_ids
+    first = records[0]
+    assert first["image"] == "val2014/COCO_val_1.jpg"
+    assert first["conversations"][0]["value"] == "<image>\n" + convert.CAPTION_PROMPT
+    assert first["conversations"][1]["value"] == "A dog on a couch."
+    assert first["references"] == ["A dog on a couch.", "A brown dog resting."]
+    assert (first["question_type"], first["answer_type"]) == ("caption", "open")
+    if mode == "per-caption":
+        assert records[1]["conversations"][1]["value"] == "A brown dog resting."
+    skipped = json.load(open(report))["skipped"]
+    assert {"annotation": 99, "reason": "unknown image_id 42"} in skipped
+    assert {"image": "COCO_val_3.jpg", "reason": "no caption"} in skipped
+
+
+def _vqa_table():
+    shared = _png(1)
+    return pa.table({
+        "image": [{"bytes": shared, "path": "scan_a.png"}, {"bytes": shared, "path": "scan_a.png"},
+                  {"bytes": _jpeg(2), "path": None}, {"bytes": _png(3), "path": "scan_a.png"}, None],
+        "question": ["is it normal?", "what organ?", "what is shown?", "any lesion?", "no image?"],
+        "answer": ["yes", "lung", "a heart", "no", "x"],
+    })
+
+
+def test_parquet_with_embedded_images(tmp_path):
+    src, out, folder = tmp_path / "train-00000-of-00001.parquet", tmp_path / "out.json", tmp_path / "data"
+    table = _vqa_table()
+    pq.write_table(table, src)
+    assert convert.main(["parquet", "--input", str(src), "--out", str(out), "--image-folder", str(folder),
+                         "--image-subdir", "pathvqa", "--id-prefix", "pv-"]) == 0
+    records = json.load(open(out))
+    assert [r["id"] for r in records] == ["pv-0", "pv-1", "pv-2", "pv-3"]  # the row without an image is skipped
+    images = [r["image"] for r in records]
+    assert images[0] == images[1] == "pathvqa/scan_a.png"  # identical bytes: written once, shared
+    sha_named = images[2]
+    assert sha_named.startswith("pathvqa/") and sha_named.endswith(".jpg")  # no name: content hash + sniffed type
+    assert images[3].startswith("pathvqa/scan_a-") and images[3].endswith(".png")  # same name, other bytes
+    assert sorted(os.listdir(folder / "pathvqa")) == sorted(os.path.basename(p) for p in set(images))
+    cells = table.column("image").to_pylist()
+    for record, cell in zip(records, cells):
+        assert open(folder / record["image"], "rb").read() == cell["bytes"]  # written unchanged
+    assert [r["answer_type"] for r in records] == ["closed", "open", "open", "closed"]
+    assert validate_samples(records, str(folder)).errors == []
+
+
+def test_arrow_stream_caption_set(tmp_path):
+    """HF `save_to_disk` writes arrow IPC streams; a caption column holding lists gives per-image records."""
+    table = pa.table({"image": [{"bytes": _png(5), "path": "a.png"}, {"bytes": _png(6), "path": "b.png"}],
+                      "sentences": [["A field.", "Green crops."], ["A harbour."]],
+                      "imgid": [5, 6]})
+    src = tmp_path / "data-00000-of-00001.arrow"
+    with pa.OSFile(str(src), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    out = tmp_path / "captions.json"
+    assert convert.main(["parquet", "--input", str(src), "--out", str(out), "--image-folder", str(tmp_path / "img"),
+                         "--id-column", "imgid", "--caption-mode", "per-caption", "--source", "UCM"]) == 0
+    records = json.load(open(out))
+    assert [r["id"] for r in records] == ["5-0", "5-1", "6-0"]
+    assert records[1]["references"] == ["A field.", "Green crops."]
+    assert {r["source"] for r in records} == {"UCM"}
+    assert validate_samples(records, str(tmp_path / "img")).errors == []

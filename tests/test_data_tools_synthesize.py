@@ -1,0 +1,154 @@
+"""data_tools.synthesize: byte-identical output, balanced answers, answers that match the pixels."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_tools import synthesize as synth
+from data_tools.synthesize import COLORS, QUESTION_TYPES, SHAPES, answer_counts, synthesize
+from data_tools.validate import validate_samples
+
+
+def _files(root):
+    found = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            found[os.path.relpath(path, root)] = open(path, "rb").read()
+    return found
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes"))
+    path = synthesize(root, num_images=60, image_size=64, seed=3)
+    return root, json.load(open(path))
+
+
+def test_same_seed_is_byte_identical(shapes, tmp_path):
+    root, _ = shapes
+    again = synthesize(str(tmp_path / "again"), num_images=60, image_size=64, seed=3)
+    assert again == os.path.join(str(tmp_path / "again"), "dataset.json")
+    assert _files(root) == _files(tmp_path / "again")
+    other = synthesize(str(tmp_path / "other"), num_images=60, image_size=64, seed=4)
+    assert open(other, "rb").read() != open(os.path.join(root, "dataset.json"), "rb").read()
+
+
+def test_answers_are_balanced_per_question_type(shapes):
+    _, records = shapes
+    counts = answer_counts(records)
+    assert counts["count"] == {"1": 20, "2": 20, "3": 20}
+    assert counts["color"] == {c: 15 for c in COLORS}
+    assert counts["shape"] == {s: 20 for s in SHAPES}
+    assert counts["presence"] == {"no": 30, "yes": 30}
+    assert counts["position"] == {"left": 30, "right": 30}
+
+
+@pytest.mark.parametrize("num_images", [7, 50])
+def test_balance_when_the_count_does_not_divide(tmp_path, num_images):
+    records = json.load(open(synthesize(str(tmp_path), num_images=num_images, image_size=48, seed=0)))
+    for qtype, answers in answer_counts(records).items():
+        expected = {"count": 3, "color": 4, "shape": 3, "presence": 2, "position": 2}[qtype]
+        assert len(answers) == min(expected, num_images) and max(answers.values()) - min(answers.values()) <= 1
+
+
+def scene_from_pixels(path):
+    """(colour, shape, centre x, top y) per object from the pixels; every non-white pixel accounted for."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    covered = np.zeros(pixels.shape[:2], dtype=bool)
+    objects = []
+    for name, rgb in COLORS.items():
+        mask = np.all(pixels == rgb, axis=-1)
+        if not mask.any():
+            continue
+        covered |= mask
+        ys, xs = np.nonzero(mask)
+        height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        fill = mask.sum() / (height * width)
+        shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
+        objects.append((name, shape, (xs.min() + xs.max()) / 2, ys.min()))
+    assert (covered == np.any(pixels != 255, axis=-1)).all(), f"{path}: pixels of no known colour"
+    return objects
+
+
+@pytest.mark.parametrize("size, layout", [(64, "random"), (32, "random"), (48, "grid")])
+def test_answers_match_the_drawn_image(shapes, tmp_path, size, layout):
+    if size == 64:
+        root, records = shapes
+    else:
+        root, records = str(tmp_path), json.load(open(synthesize(str(tmp_path), 30, size, 1, layout=layout)))
+    for record in records:
+        image = Image.open(os.path.join(root, record["image"]))
+        assert image.size == (size, size)
+        objects = scene_from_pixels(os.path.join(root, record["image"]))
+        question = record["conversations"][0]["value"].split("\n", 1)[1]
+        answer = record["conversations"][1]["value"]
+        kind = record["question_type"]
+        if kind == "count":
+            assert answer == str(len(objects))
+        elif kind == "color":
+            shape = question.removeprefix("What color is the ").removesuffix("?")
+            assert [c for c, s, *_ in objects if s == shape] == [answer]
+        elif kind == "shape":
+            colour = question.removeprefix("What shape is the ").removesuffix(" object?")
+            assert [s for c, s, *_ in objects if c == colour] == [answer]
+        elif kind == "presence":
+            colour, shape = question.removeprefix("Is there a ").removesuffix("?").split()
+            assert answer == ("yes" if (colour, shape) in {(c, s) for c, s, *_ in objects} else "no")
+        elif kind == "position":
+            colour, shape = question.removeprefix("Is the ").split(" on the")[0].split()
+            [x] = [x for c, s, x, _ in objects if (c, s) == (colour, shape)]
+            assert answer == ("left" if x < size / 2 else "right")
+            assert abs(x - size / 2) >= 0.1 * size - 1  # clearly on one side
+        else:
+            ordered = [f"a {c} {s}" for c, s, *_ in sorted(objects, key=lambda o: (o[2], o[3]))]
+            assert answer.removesuffix(".").replace(" and ", ", ").split(", ") == ordered
+        if layout == "grid":  # objects sit in the middle of the cells of a 2x2 grid
+            assert {x for _, _, x, _ in objects} <= {(size // 2 - 1) / 2, size // 2 + (size // 2 - 1) / 2}
+
+
+def test_record_fields_and_validity(shapes):
+    root, records = shapes
+    assert {r["question_type"] for r in records} == set(QUESTION_TYPES)
+    assert len({r["id"] for r in records}) == len(records) == 60 * 6
+    for record in records:
+        answer = record["conversations"][1]["value"]
+        assert record["references"] == [answer]
+        assert record["answer_type"] == ("closed" if answer in ("yes", "no") else "open")
+        assert record["conversations"][0]["value"].startswith("<image>\n")
+    # Hard negatives: with two objects or more, a "no" presence question names a colour and a shape
+    # that are both in the image (on different objects), so colour and shape must be bound.
+    by_image = {}
+    for record in records:
+        by_image.setdefault(record["image"], {})[record["question_type"]] = record
+    for image, qs in by_image.items():
+        presence = qs["presence"]
+        if presence["conversations"][1]["value"] == "no" and qs["count"]["conversations"][1]["value"] != "1":
+            colour, shape = presence["conversations"][0]["value"].split("Is there a ")[1].rstrip("?").split()
+            caption = qs["caption"]["conversations"][1]["value"]
+            assert colour in caption and shape in caption
+    assert validate_samples(records, root).errors == []
+
+
+def test_cli_writes_summary_and_refuses_to_overwrite(tmp_path, capsys):
+    out, report = tmp_path / "set", tmp_path / "report.json"
+    assert synth.main(["--out-dir", str(out), "--num-images", "12", "--image-size", "40",
+                       "--report", str(report)]) == 0
+    assert "wrote 72 records for 12 images" in capsys.readouterr().out
+    assert json.load(open(report))["answer_counts"]["count"] == {"1": 4, "2": 4, "3": 4}
+    assert synth.main(["--out-dir", str(out), "--num-images", "12"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert synth.main(["--out-dir", str(out), "--num-images", "12", "--image-size", "8", "--overwrite"]) == 2
+    assert "--image-size must be at least" in capsys.readouterr().err
+
+
+def test_question_types_pick_records_and_keep_the_images(shapes, tmp_path):
+    root, records = shapes
+    path = synthesize(str(tmp_path), num_images=60, image_size=64, seed=3, question_types=["count", "caption"])
+    subset = json.load(open(path))
+    assert subset == [r for r in records if r["question_type"] in ("count", "caption")]
+    assert _files(tmp_path / "images") == _files(os.path.join(root, "images"))
+    with pytest.raises(synth.DataToolError, match="question types"):
+        synthesize(str(tmp_path), 2, 64, 0, question_types=["colour"])
