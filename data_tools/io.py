@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from llava_tiny.data import DataFileError, load_samples, sample_id, sample_images  # noqa: F401 (re-exported)
 from llava_tiny.images import ImagePathError, resolve_image_path
 
 __all__ = [
@@ -23,59 +24,8 @@ __all__ = [
 ]
 
 
-class DataToolError(Exception):
+class DataToolError(DataFileError):
     """Bad input or arguments; the message names the file (and sample) and what was expected."""
-
-
-def load_samples(path: str) -> list[dict]:
-    """Read LLaVA data: a JSON list of sample objects, or JSONL (one object per line).
-
-    A `.jsonl` file is always read line by line (a one-line JSONL file is valid JSON too).
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DataToolError(f"{path}: file not found; expected a LLaVA JSON or JSONL data file") from None
-    data = None
-    if not path.endswith(".jsonl"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            if text.lstrip().startswith("["):
-                # A list that does not parse is a broken JSON file, not JSONL: say where.
-                raise DataToolError(f"{path}: invalid JSON at line {err.lineno} column {err.colno} "
-                                    f"({err.msg}); expected a JSON list of samples") from None
-    if data is None:
-        data = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    data.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise DataToolError(f"{path}: line {number} is not valid JSON ({err.msg}); "
-                                        "expected a JSON list or JSONL (one sample per line)") from None
-    if not isinstance(data, list):
-        raise DataToolError(f"{path}: expected a JSON list of samples, found a JSON {type(data).__name__}")
-    for index, sample in enumerate(data):
-        if not isinstance(sample, dict):
-            raise DataToolError(f"{path}: record {index} is a {type(sample).__name__}; "
-                                "expected an object with 'id' and 'conversations'")
-    return data
-
-
-def sample_id(sample: dict, index: int) -> str:
-    """The name used for a sample in messages: its `id`, or `#<index>` when it has none."""
-    value = sample.get("id")
-    return f"#{index}" if value is None else str(value)
-
-
-def sample_images(sample: dict) -> list[str]:
-    """The sample's image paths as a list (`image` may be absent, one path, or a list)."""
-    image = sample.get("image")
-    if image is None:
-        return []
-    return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
 def image_path_resolver(image_folder: str, allow_outside: bool = False):
@@ -139,13 +89,13 @@ def write_report(path: str | None, report: dict) -> None:
 
 
 def cli_errors(main):
-    """Turn `DataToolError`/`ImagePathError` into `error: ...` on stderr and exit code 2."""
+    """Turn `DataToolError`/`DataFileError`/`ImagePathError` into `error: ...` on stderr and exit code 2."""
 
     @functools.wraps(main)
     def wrapper(argv=None) -> int:
         try:
             return main(argv)
-        except (DataToolError, ImagePathError) as err:
+        except (DataFileError, ImagePathError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
 

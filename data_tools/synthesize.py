@@ -120,7 +120,7 @@ def _scene(rng: random.Random, size: int, count: int, color_answer: str, shape_a
     shapes = other_shapes[: count - 1]
     shapes.insert(shape_target, shape_answer)
     if layout == "grid":
-        side = min(round(size * OBJECT_FRACTION), round(size // GRID * 0.8))
+        side = round(size // GRID * 0.8)  # one large object per cell
         corners = _place_on_grid(rng, count, size, side, position_target, position_answer)
     else:
         side = max(4, round(size * OBJECT_FRACTION))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.io import DataToolError, load_samples, sample_id, sample_images
+from llava_tiny.data import load_samples, sample_id, sample_images
 from llava_tiny.conversation import IMAGE_TOKEN, ConversationError, conversation_turns
 from llava_tiny.images import ASPECT_RATIOS, load_image, resolve_image_path
 from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
         samples = load_samples(args.data)
         questions = expand_questions(samples, args.image_folder, args.allow_images_outside_folder)
         finished = read_finished_ids(args.out)
-    except (DataToolError, OSError, ValueError) as err:  # ConversationError is a ValueError
+    except (OSError, ValueError) as err:  # DataFileError and ConversationError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 2
     if all(q.id in finished for q in questions):

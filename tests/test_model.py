@@ -112,6 +112,13 @@ def test_forward_backward_generate_fp32(tiny_parts, tower):
     assert generated.shape == (1, ids.shape[1] + 4)
 
 
+def test_requested_attention_reaches_the_language_model(tiny_parts):
+    # The LLaVA shell resets its sub-configs to the default (sdpa); the request must survive assembly.
+    model = assemble_model(tiny_parts["llm"], tiny_parts["clip"], attn_implementation="eager").model
+    assert model.model.language_model.config._attn_implementation == "eager"
+    assert model.config.text_config._attn_implementation == "eager"
+
+
 def test_stock_transformers_loads_mlp2x_gelu_with_same_logits(tmp_path, tiny_parts):
     loaded = assemble_model(tiny_parts["llm"], tiny_parts["clip"])
     save_model(loaded, str(tmp_path / "m"))

@@ -154,6 +154,9 @@ def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type
     if model.config.text_config.tie_word_embeddings:
         model.lm_head.weight = model.model.language_model.get_input_embeddings().weight
     model.config.dtype = dtype
+    if attn_implementation:
+        # The LLaVA shell re-resolves its sub-configs to the default; give the LLM what was asked for.
+        model.set_attn_implementation({"text_config": attn_implementation})
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise RuntimeError(f"assembly left tensors on the meta device: {leftover[:5]}")

@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..conversation import IGNORE_INDEX, ConversationError, tokenize_conversation
+from ..data import load_samples, sample_id, sample_images  # noqa: F401 (re-exported)
 from ..images import ImagePathError, load_image, preprocess_images, resolve_image_path
 
 logger = logging.getLogger(__name__)
@@ -26,43 +27,6 @@ class BadSamplesError(ValueError):
 
 class ImageDecodeError(RuntimeError):
     """An image that passed the pre-training check but fails to decode when used; names the sample and path."""
-
-
-def load_samples(path: str) -> list[dict]:
-    """Read LLaVA data: a JSON list of samples or JSONL (one sample per line)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    data = None
-    if not path.endswith(".jsonl"):  # .jsonl is read line by line: a one-line JSONL file is valid JSON too
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError:
-            pass
-    if data is None:
-        data = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    data.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {n} is not valid JSON ({err.msg}); expected a JSON list or JSONL") from None
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, found {type(data).__name__}")
-    for n, sample in enumerate(data):
-        if not isinstance(sample, dict):
-            raise ValueError(f"{path}: record {n} is {type(sample).__name__}; expected an object with id/conversations")
-    return data
-
-
-def sample_id(sample: dict, index: int) -> str:
-    return str(sample.get("id", f"#{index}"))
-
-
-def sample_images(sample: dict) -> list[str]:
-    image = sample.get("image")
-    if image is None:
-        return []
-    return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
 def _image_problem(path: str) -> str | None:
