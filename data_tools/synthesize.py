@@ -1,12 +1,16 @@
 """A deterministic synthetic VQA + caption set of coloured shapes (the demo's built-in data).
 
     python -m data_tools.synthesize --out-dir data/shapes --num-images 500 --image-size 64 --seed 0 \
-        [--layout random|grid] [--question-types color shape count presence position caption]
+        [--layout random|grid] [--objects distinct|alike]
+        [--question-types color shape count presence position caption]
 
-Each image holds 1-3 large shapes on a plain white background, each object with its own colour
-and its own shape, at random non-overlapping positions (or one per cell of a 2x2 grid with
---layout grid). Every image gives six single-turn records: `color`, `shape`, `count`,
-`presence`, `position` questions and a `caption` (--question-types picks some).
+Each image holds 1-3 large shapes on a plain white background, at random non-overlapping
+positions (or one per cell of a 2x2 grid with --layout grid). With `--objects distinct` (default)
+each object has its own colour and its own shape; with `--objects alike` all objects of an image
+share one colour and one shape (no colour-to-shape binding to learn: what a model trained from
+scratch in minutes can master). Every image gives single-turn `color`, `shape`, `count`,
+`presence`, `position` (distinct objects only) questions and a `caption` (--question-types picks
+some).
 
 The answers are balanced per question type by construction: for each type a schedule holds every
 possible answer equally often (shuffled), and the image is drawn to make the scheduled answer
@@ -42,6 +46,7 @@ OBJECT_FRACTION = 0.3
 POSITION_MARGIN = 0.1
 MIN_IMAGE_SIZE = 16
 LAYOUTS = ("random", "grid")
+OBJECT_KINDS = ("distinct", "alike")
 GRID = 2  # cells per side of the grid layout
 
 
@@ -71,14 +76,15 @@ def _balanced(values, n: int, rng: random.Random) -> list:
 
 def _place_on_grid(rng: random.Random, count: int, size: int, side: int, anchored: int,
                    anchored_side: str) -> list[tuple]:
-    """Top-left corners of objects centred in distinct cells of a 2x2 grid."""
+    """Top-left corners of objects in distinct cells of a 2x2 grid, each shifted at random inside its cell
+    (so that a few hundred images are not the same few dozen pictures), never touching a neighbour."""
     cell = size // GRID
     column = 0 if anchored_side == "left" else GRID - 1
     anchored_cell = (column, rng.randrange(GRID))
     others = [(c, r) for r in range(GRID) for c in range(GRID) if (c, r) != anchored_cell]
     cells = rng.sample(others, count - 1)
     cells.insert(anchored, anchored_cell)
-    return [(c * cell + (cell - side) // 2, r * cell + (cell - side) // 2) for c, r in cells]
+    return [(c * cell + rng.randint(1, cell - side - 1), r * cell + rng.randint(1, cell - side - 1)) for c, r in cells]
 
 
 def _place(rng: random.Random, count: int, size: int, side: int, anchored: int, anchored_side: str) -> list[tuple]:
@@ -108,19 +114,23 @@ def _place(rng: random.Random, count: int, size: int, side: int, anchored: int, 
 
 
 def _scene(rng: random.Random, size: int, count: int, color_answer: str, shape_answer: str,
-           position_answer: str, layout: str) -> tuple[list[ShapeObject], int, int, int]:
+           position_answer: str, layout: str, alike: bool) -> tuple[list[ShapeObject], int, int, int]:
     """Objects making the scheduled answers true, and which object each question is about."""
     color_target, shape_target, position_target = (rng.randrange(count) for _ in range(3))
-    others = [c for c in COLORS if c != color_answer]
-    rng.shuffle(others)
-    colors = others[: count - 1]
-    colors.insert(color_target, color_answer)
-    other_shapes = [s for s in SHAPES if s != shape_answer]
-    rng.shuffle(other_shapes)
-    shapes = other_shapes[: count - 1]
-    shapes.insert(shape_target, shape_answer)
+    if alike:
+        colors, shapes = [color_answer] * count, [shape_answer] * count
+    else:
+        others = [c for c in COLORS if c != color_answer]
+        rng.shuffle(others)
+        colors = others[: count - 1]
+        colors.insert(color_target, color_answer)
+        other_shapes = [s for s in SHAPES if s != shape_answer]
+        rng.shuffle(other_shapes)
+        shapes = other_shapes[: count - 1]
+        shapes.insert(shape_target, shape_answer)
     if layout == "grid":
-        side = round(size // GRID * 0.8)  # one large object per cell
+        cell = size // GRID
+        side = cell - 2 * max(1, round(cell * 0.1))  # one large object per cell
         corners = _place_on_grid(rng, count, size, side, position_target, position_answer)
     else:
         side = max(4, round(size * OBJECT_FRACTION))
@@ -145,8 +155,14 @@ def draw_scene(objects: list[ShapeObject], size: int) -> Image.Image:
     return image
 
 
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+
+
 def caption_for(objects: list[ShapeObject]) -> str:
-    """A caption such as "a red square, a green triangle and a blue circle." (left to right, then top down)."""
+    """A caption such as "a red square, a green triangle and a blue circle." (left to right, then top down),
+    or "two red squares." when all objects are alike."""
+    if len(objects) > 1 and len({(o.color, o.shape) for o in objects}) == 1:
+        return f"{NUMBER_WORDS[len(objects)]} {objects[0].color} {objects[0].shape}s."
     names = [f"a {o.color} {o.shape}" for o in sorted(objects, key=lambda o: (o.center_x, o.y))]
     text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return text + "."
@@ -165,10 +181,11 @@ def _record(image_index: int, image: str, question_type: str, question: str, ans
 
 
 def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: int = 0, layout: str = "random",
-               question_types=QUESTION_TYPES) -> str:
+               question_types=QUESTION_TYPES, objects: str = "distinct") -> str:
     """Write `out_dir/images/*.png` and `out_dir/dataset.json`; return the dataset path.
 
     `layout` "random" puts objects anywhere (not overlapping), "grid" in the cells of a 2x2 grid.
+    `objects` "distinct" gives each object its own colour and shape, "alike" one colour and shape per image.
     Only records of `question_types` are written; the images do not depend on that choice. The
     same arguments give byte-identical files.
     """
@@ -177,6 +194,12 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
         raise DataToolError(f"question types {unknown or '(none)'}; expected some of {list(QUESTION_TYPES)}")
     if layout not in LAYOUTS:
         raise DataToolError(f"layout {layout!r}; expected one of {list(LAYOUTS)}")
+    if objects not in OBJECT_KINDS:
+        raise DataToolError(f"objects {objects!r}; expected one of {list(OBJECT_KINDS)}")
+    alike = objects == "alike"
+    if alike and "position" in question_types:
+        raise DataToolError("position questions need distinct objects (with --objects alike the question "
+                            "'is the red square on the left?' can have several answers); drop 'position'")
     if num_images < 1:
         raise DataToolError(f"--num-images must be at least 1, got {num_images}")
     if image_size < MIN_IMAGE_SIZE:
@@ -192,21 +215,30 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
     records = []
     for i in range(num_images):
         objects, color_t, shape_t, position_t = _scene(rng, image_size, counts[i], color_answers[i],
-                                                       shape_answers[i], position_answers[i], layout)
+                                                       shape_answers[i], position_answers[i], layout, alike)
         image = f"images/{i:05d}.png"
         draw_scene(objects, image_size).save(os.path.join(out_dir, image), format="PNG")
         present = {(o.color, o.shape) for o in objects}
         if presence_answers[i] == "yes":
             asked = rng.choice(objects)
             asked_pair = (asked.color, asked.shape)
+        elif alike:
+            # A pair sharing the colour or the shape of the image's objects: both must be checked.
+            asked_pair = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present
+                                     and (c == objects[0].color or s == objects[0].shape)])
         else:
             # Prefer a colour and a shape that are both in the image but on different objects.
             unbound = [(a.color, b.shape) for a in objects for b in objects if a is not b]
             asked_pair = rng.choice(unbound or sorted(set((c, s) for c in COLORS for s in SHAPES) - present))
         positioned = objects[position_t]
+        if alike:
+            color_question, shape_question = "What color are the objects?", "What shape are the objects?"
+        else:
+            color_question = f"What color is the {objects[color_t].shape}?"
+            shape_question = f"What shape is the {objects[shape_t].color} object?"
         records += [record for record in [
-            _record(i, image, "color", f"What color is the {objects[color_t].shape}?", objects[color_t].color),
-            _record(i, image, "shape", f"What shape is the {objects[shape_t].color} object?", objects[shape_t].shape),
+            _record(i, image, "color", color_question, objects[color_t].color),
+            _record(i, image, "shape", shape_question, objects[shape_t].shape),
             _record(i, image, "count", "How many objects are there?", str(len(objects))),
             _record(i, image, "presence", f"Is there a {asked_pair[0]} {asked_pair[1]}?", presence_answers[i]),
             _record(i, image, "position", f"Is the {positioned.color} {positioned.shape} on the left or the right?",
@@ -238,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", choices=LAYOUTS, default="random",
                         help="random: objects anywhere, not overlapping (default); grid: one object per cell of a "
                              "2x2 grid (fewer distinct positions: easier to learn)")
+    parser.add_argument("--objects", choices=OBJECT_KINDS, default="distinct",
+                        help="distinct: each object its own colour and shape (default); alike: all objects of an "
+                             "image share one colour and one shape (no binding to learn)")
     parser.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES, default=list(QUESTION_TYPES),
                         metavar="TYPE", help=f"records to write (default all: {' '.join(QUESTION_TYPES)})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/dataset.json")
@@ -251,16 +286,17 @@ def main(argv=None) -> int:
     existing = os.path.join(args.out_dir, "dataset.json")
     if os.path.exists(existing) and not args.overwrite:
         raise DataToolError(f"{existing} already exists; pass --overwrite to replace it")
-    path = synthesize(args.out_dir, args.num_images, args.image_size, args.seed, args.layout, args.question_types)
+    path = synthesize(args.out_dir, args.num_images, args.image_size, args.seed, args.layout, args.question_types,
+                      args.objects)
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
     counts = answer_counts(records)
-    print(f"wrote {len(records)} records for {args.num_images} images ({args.image_size}px, {args.layout} layout) "
+    print(f"wrote {len(records)} records for {args.num_images} images ({args.image_size}px, {args.layout} layout, {args.objects} objects) "
           f"to {path}")
     for qtype, answers in counts.items():
         print(f"  {qtype:9s} " + "  ".join(f"{a}={n}" for a, n in answers.items()))
     write_report(args.report, {"dataset": path, "num_images": args.num_images, "image_size": args.image_size,
-                               "seed": args.seed, "layout": args.layout, "question_types": args.question_types,
+                               "seed": args.seed, "layout": args.layout, "objects": args.objects, "question_types": args.question_types,
                                "num_records": len(records), "answer_counts": counts})
     return 0
 

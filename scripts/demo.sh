@@ -36,8 +36,8 @@ step() { printf '\n== [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 DATA=$OUT/data SETS=$OUT/data/sets MODEL=$OUT/model
 
 step "1/5 data: synthesize, validate, partition by image"
-$PY -m data_tools.synthesize --out-dir "$DATA" --num-images "$IMAGES" --image-size 48 --layout grid \
-  --question-types color shape count presence caption --seed "$SEED"
+$PY -m data_tools.synthesize --out-dir "$DATA" --num-images "$IMAGES" --image-size 32 --layout grid \
+  --objects alike --question-types color shape count presence caption --seed "$SEED"
 $PY -m data_tools.validate --data "$DATA/dataset.json" --image-folder "$DATA" --report "$OUT/validate_report.json"
 $PY -m data_tools.partition --data "$DATA/dataset.json" --image-folder "$DATA" --out-dir "$SETS" --seed "$SEED"
 
@@ -51,13 +51,13 @@ if [ -z "$LLM" ]; then
   echo "  bash scripts/pretrain.sh        # stage 1: projector only (LLM and tower frozen)"
   echo "  bash scripts/finetune_lora.sh   # stage 2: LoRA on the LLM + projector, from stage 1"
   echo "(this script does the same with --model_name_or_path/--vision_tower)"
-  $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size 48 --patch-size 16 \
-    --vision-hidden 64 --vision-layers 2 >/dev/null
+  $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size 32 --patch-size 16 \
+    --vision-hidden 64 --vision-layers 2 --seed "$SEED" >/dev/null
   NUM_GPUS=1 ZERO=zero2 MASTER_PORT=${MASTER_PORT:-29511} bash -c 'source scripts/lib/launch.sh; launch "$@"' _ \
     --model_name_or_path "$OUT/base/llm" --vision_tower "$OUT/base/clip" --version tinyllama \
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True \
     --output_dir "$MODEL" --max_steps "$STEPS" --per_device_train_batch_size 32 --per_device_eval_batch_size 64 \
-    --learning_rate 3e-3 --warmup_ratio 0.05 --lr_scheduler_type cosine --weight_decay 0. \
+    --learning_rate 1e-3 --warmup_ratio 0.05 --lr_scheduler_type cosine --weight_decay 0. \
     --eval_strategy steps --eval_steps $(( STEPS / 2 )) "${COMMON[@]}"
 else
   step "2/5 train: the two-stage recipe on real weights ($LLM + $TOWER)"

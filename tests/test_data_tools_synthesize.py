@@ -54,31 +54,48 @@ def test_balance_when_the_count_does_not_divide(tmp_path, num_images):
         assert len(answers) == min(expected, num_images) and max(answers.values()) - min(answers.values()) <= 1
 
 
+def _components(mask):
+    """The 8-connected components of a boolean mask, each as a mask."""
+    seen = np.zeros_like(mask)
+    for start in zip(*np.nonzero(mask)):
+        if seen[start]:
+            continue
+        component, stack = np.zeros_like(mask), [start]
+        while stack:
+            y, x = stack.pop()
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and mask[y, x] and not seen[y, x]:
+                seen[y, x] = component[y, x] = True
+                stack += [(y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+        yield component
+
+
 def scene_from_pixels(path):
     """(colour, shape, centre x, top y) per object from the pixels; every non-white pixel accounted for."""
     pixels = np.asarray(Image.open(path).convert("RGB"))
     covered = np.zeros(pixels.shape[:2], dtype=bool)
     objects = []
     for name, rgb in COLORS.items():
-        mask = np.all(pixels == rgb, axis=-1)
-        if not mask.any():
-            continue
-        covered |= mask
-        ys, xs = np.nonzero(mask)
-        height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-        fill = mask.sum() / (height * width)
-        shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
-        objects.append((name, shape, (xs.min() + xs.max()) / 2, ys.min()))
+        colour_mask = np.all(pixels == rgb, axis=-1)
+        covered |= colour_mask
+        for mask in _components(colour_mask):
+            ys, xs = np.nonzero(mask)
+            height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+            fill = mask.sum() / (height * width)
+            shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
+            objects.append((name, shape, (xs.min() + xs.max()) / 2, ys.min()))
     assert (covered == np.any(pixels != 255, axis=-1)).all(), f"{path}: pixels of no known colour"
     return objects
 
 
-@pytest.mark.parametrize("size, layout", [(64, "random"), (32, "random"), (48, "grid")])
-def test_answers_match_the_drawn_image(shapes, tmp_path, size, layout):
+@pytest.mark.parametrize("size, layout, kinds", [(64, "random", "distinct"), (32, "random", "distinct"),
+                                                 (48, "grid", "distinct"), (32, "grid", "alike")])
+def test_answers_match_the_drawn_image(shapes, tmp_path, size, layout, kinds):
     if size == 64:
         root, records = shapes
     else:
-        root, records = str(tmp_path), json.load(open(synthesize(str(tmp_path), 30, size, 1, layout=layout)))
+        types = [t for t in QUESTION_TYPES if not (kinds == "alike" and t == "position")]
+        root = str(tmp_path)
+        records = json.load(open(synthesize(root, 30, size, 1, layout=layout, question_types=types, objects=kinds)))
     for record in records:
         image = Image.open(os.path.join(root, record["image"]))
         assert image.size == (size, size)
@@ -86,8 +103,14 @@ def test_answers_match_the_drawn_image(shapes, tmp_path, size, layout):
         question = record["conversations"][0]["value"].split("\n", 1)[1]
         answer = record["conversations"][1]["value"]
         kind = record["question_type"]
+        if kinds == "alike":
+            assert len({(c, s) for c, s, *_ in objects}) == 1
         if kind == "count":
             assert answer == str(len(objects))
+        elif kind == "color" and kinds == "alike":
+            assert question == "What color are the objects?" and {c for c, *_ in objects} == {answer}
+        elif kind == "shape" and kinds == "alike":
+            assert question == "What shape are the objects?" and {s for _, s, *_ in objects} == {answer}
         elif kind == "color":
             shape = question.removeprefix("What color is the ").removesuffix("?")
             assert [c for c, s, *_ in objects if s == shape] == [answer]
@@ -102,11 +125,18 @@ def test_answers_match_the_drawn_image(shapes, tmp_path, size, layout):
             [x] = [x for c, s, x, _ in objects if (c, s) == (colour, shape)]
             assert answer == ("left" if x < size / 2 else "right")
             assert abs(x - size / 2) >= 0.1 * size - 1  # clearly on one side
+        elif kinds == "alike" and len(objects) > 1:
+            c, s, *_ = objects[0]
+            assert answer == f"{['two', 'three'][len(objects) - 2]} {c} {s}s."
         else:
             ordered = [f"a {c} {s}" for c, s, *_ in sorted(objects, key=lambda o: (o[2], o[3]))]
             assert answer.removesuffix(".").replace(" and ", ", ").split(", ") == ordered
-        if layout == "grid":  # objects sit in the middle of the cells of a 2x2 grid
-            assert {x for _, _, x, _ in objects} <= {(size // 2 - 1) / 2, size // 2 + (size // 2 - 1) / 2}
+        if layout == "grid":  # one object per cell of a 2x2 grid
+            cell = size // 2
+            assert len({(int(x // cell), int(y // cell)) for _, _, x, y in objects}) == len(objects)
+    if layout == "grid":  # shifted inside their cells: images differ even when the scenes agree
+        pictures = {open(os.path.join(root, r["image"]), "rb").read() for r in records}
+        assert len(pictures) == len({r["image"] for r in records})
 
 
 def test_record_fields_and_validity(shapes):
@@ -152,3 +182,17 @@ def test_question_types_pick_records_and_keep_the_images(shapes, tmp_path):
     assert _files(tmp_path / "images") == _files(os.path.join(root, "images"))
     with pytest.raises(synth.DataToolError, match="question types"):
         synthesize(str(tmp_path), 2, 64, 0, question_types=["colour"])
+
+
+def test_alike_objects_refuse_position_and_ask_presence_that_needs_both_attributes(tmp_path):
+    with pytest.raises(synth.DataToolError, match="position questions need distinct objects"):
+        synthesize(str(tmp_path / "a"), 6, 32, 0, layout="grid", objects="alike")
+    records = json.load(open(synthesize(str(tmp_path / "b"), 60, 32, 0, layout="grid", objects="alike",
+                                        question_types=["caption", "presence"])))
+    captions = {r["image"]: r["conversations"][1]["value"] for r in records if r["question_type"] == "caption"}
+    for record in records:
+        if record["question_type"] == "presence" and record["conversations"][1]["value"] == "no":
+            colour, shape = record["conversations"][0]["value"].removeprefix("<image>\nIs there a ").rstrip("?").split()
+            caption = captions[record["image"]]
+            # exactly one of the two attributes is in the picture: a "no" cannot be read off one of them
+            assert (colour in caption) != (shape in caption)

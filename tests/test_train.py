@@ -184,6 +184,12 @@ def test_llava_flags_are_accepted(tmp_path, monkeypatch):
     assert "wandb" not in args.report_to or os.environ.get("WANDB_MODE") == "offline"
     with pytest.raises(ValueError, match="LLaVA-1.0 options"):
         parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--mm_use_im_start_end", "True"])
+    # transformers 5 dropped --group_by_length; LLaVA scripts still pass it (bare or with a value).
+    for flag in (["--group_by_length"], ["--group_by_length", "True"], ["--group_by_length=true"]):
+        _, _, args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), *flag])
+        assert args.train_sampling_strategy == "group_by_length"
+    _, _, args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--group_by_length", "False"])
+    assert args.train_sampling_strategy != "group_by_length"
 
 
 def test_modality_grouping_with_one_modality_and_mixed():

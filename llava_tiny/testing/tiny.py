@@ -101,14 +101,15 @@ def make_tiny_vision_tower(out_dir: str, family: str = "clip", image_size: int =
 
 
 def make_tiny_parts(out_dir: str, tokenizer: str = "small", hidden_size: int = 64, num_layers: int = 2,
-                    image_size: int = 56, vision_hidden_size: int = 32, vision_layers: int = 2) -> dict[str, str]:
+                    image_size: int = 56, vision_hidden_size: int = 32, vision_layers: int = 2,
+                    patch_size: int = 14, seed: int = 0) -> dict[str, str]:
     """Write `llm/`, `clip/` and `siglip/` under `out_dir`; return their paths."""
     return {
-        "llm": make_tiny_llm(os.path.join(out_dir, "llm"), tokenizer, hidden_size, num_layers),
-        "clip": make_tiny_vision_tower(os.path.join(out_dir, "clip"), "clip", image_size,
-                                       hidden_size=vision_hidden_size, num_layers=vision_layers),
-        "siglip": make_tiny_vision_tower(os.path.join(out_dir, "siglip"), "siglip", image_size,
-                                         hidden_size=vision_hidden_size, num_layers=vision_layers),
+        "llm": make_tiny_llm(os.path.join(out_dir, "llm"), tokenizer, hidden_size, num_layers, seed=seed),
+        "clip": make_tiny_vision_tower(os.path.join(out_dir, "clip"), "clip", image_size, patch_size,
+                                       vision_hidden_size, vision_layers, seed),
+        "siglip": make_tiny_vision_tower(os.path.join(out_dir, "siglip"), "siglip", image_size, patch_size,
+                                         vision_hidden_size, vision_layers, seed),
     }
 
 
@@ -121,9 +122,11 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=56)
     parser.add_argument("--vision-hidden", type=int, default=32)
     parser.add_argument("--vision-layers", type=int, default=2)
+    parser.add_argument("--patch-size", type=int, default=14)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     paths = make_tiny_parts(args.out, args.tokenizer, args.hidden, args.layers, args.image_size,
-                            args.vision_hidden, args.vision_layers)
+                            args.vision_hidden, args.vision_layers, args.patch_size, args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

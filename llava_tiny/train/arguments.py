@@ -79,9 +79,17 @@ RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "
 
 
 def _normalise_argv(argv: list[str]) -> list[str]:
-    out = []
-    for arg in argv:
-        name, eq, value = arg.partition("=")
+    out, i = [], 0
+    while i < len(argv):
+        name, eq, value = argv[i].partition("=")
+        i += 1
+        if name == "--group_by_length":
+            # transformers 5 replaced this bool with --train_sampling_strategy group_by_length.
+            if not eq and i < len(argv) and argv[i].lower() in ("true", "false", "1", "0"):
+                value, i = argv[i], i + 1
+            if value.lower() in ("", "true", "1"):
+                out += ["--train_sampling_strategy", "group_by_length"]
+            continue
         out.append(RENAMED_FLAGS.get(name, name) + eq + value)
     return out
 
