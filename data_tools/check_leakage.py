@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .grouping import ImageIndex, image_keys, index_images
+from .grouping import ImageIndex, add_image_comparison_arguments, image_keys, index_images
 from .images import DEFAULT_COLOR_THRESHOLD, DEFAULT_PHASH_THRESHOLD
 from .io import (add_allow_outside_argument, add_report_argument, check_output_path, cli_errors, load_samples,
                  sample_id, write_report)
@@ -136,10 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("splits", nargs="+", help="split files (LLaVA JSON/JSONL), e.g. train val test")
     parser.add_argument("--image-folder", help="folder the image paths are relative to (needed for content checks)")
-    parser.add_argument("--phash-threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
-                        help="max perceptual-hash distance of near duplicates, -1 = off "
-                             f"(default {DEFAULT_PHASH_THRESHOLD})")
-    parser.add_argument("--workers", type=int, help="threads reading images (default 2 x CPUs, at most 32)")
+    add_image_comparison_arguments(parser)
     add_allow_outside_argument(parser)
     add_report_argument(parser)
     return parser

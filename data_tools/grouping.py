@@ -6,6 +6,7 @@ several images joins all of them; a text-only sample is a group on its own.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 
@@ -52,6 +53,14 @@ def image_keys(samples: list[dict], data_name: str = "data") -> list[list[str]]:
                                     "is not a non-empty string")
         keys.append([os.path.normpath(rel.replace("\\", "/")) for rel in paths])
     return keys
+
+
+def add_image_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    """--phash-threshold and --workers: how images are compared (partition and check_leakage)."""
+    parser.add_argument("--phash-threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
+                        help="max perceptual-hash distance of near duplicates, -1 = off "
+                             f"(default {DEFAULT_PHASH_THRESHOLD})")
+    parser.add_argument("--workers", type=int, help="threads reading images (default 2 x CPUs, at most 32)")
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .check_leakage import audit_splits, print_leakage
 from .filter import SourceRule
-from .grouping import ImageIndex, group_samples_by_image, image_keys, index_images
+from .grouping import ImageIndex, add_image_comparison_arguments, group_samples_by_image, image_keys, index_images
 from .images import DEFAULT_COLOR_THRESHOLD, DEFAULT_PHASH_THRESHOLD
 from .io import (DataToolError, add_allow_outside_argument, add_report_argument, check_output_path, cli_errors,
                  load_samples, sample_id, write_json, write_report)
@@ -145,10 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train val test (default 0.7 0.1 0.2), or train test")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
     parser.add_argument("--stratify", choices=STRATIFY_FIELDS, help="keep the ratios within each value of this field")
-    parser.add_argument("--phash-threshold", type=int, default=DEFAULT_PHASH_THRESHOLD,
-                        help="max perceptual-hash distance of near duplicates, -1 = off "
-                             f"(default {DEFAULT_PHASH_THRESHOLD})")
-    parser.add_argument("--workers", type=int, help="threads reading images (default 2 x CPUs, at most 32)")
+    add_image_comparison_arguments(parser)
     add_allow_outside_argument(parser)
     add_report_argument(parser)
     return parser

@@ -223,9 +223,9 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
             asked = rng.choice(objects)
             asked_pair = (asked.color, asked.shape)
         elif alike:
-            # A pair sharing the colour or the shape of the image's objects: both must be checked.
-            asked_pair = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present
-                                     and (c == objects[0].color or s == objects[0].shape)])
+            # Any other pair: asked pairs are then uniform over all pairs for "yes" and "no" alike,
+            # so the question's words tell nothing about the answer.
+            asked_pair = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
         else:
             # Prefer a colour and a shape that are both in the image but on different objects.
             unbound = [(a.color, b.shape) for a in objects for b in objects if a is not b]

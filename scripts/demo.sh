@@ -51,6 +51,9 @@ if [ -z "$LLM" ]; then
   echo "  bash scripts/pretrain.sh        # stage 1: projector only (LLM and tower frozen)"
   echo "  bash scripts/finetune_lora.sh   # stage 2: LoRA on the LLM + projector, from stage 1"
   echo "(this script does the same with --model_name_or_path/--vision_tower)"
+  # A 0.7M-parameter model gains nothing from a second thread, and two threads fighting the
+  # data-loader worker for two cores made each step ~6x slower: one thread, one worker.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size 32 --patch-size 16 \
     --vision-hidden 64 --vision-layers 2 --seed "$SEED" >/dev/null
   NUM_GPUS=1 ZERO=zero2 MASTER_PORT=${MASTER_PORT:-29511} bash -c 'source scripts/lib/launch.sh; launch "$@"' _ \
