@@ -3,7 +3,7 @@
 # train with train_mem.py under DeepSpeed ZeRO-2 -> batched generation (and a blind control with
 # blank images) -> scores, plots and a report that says whether the model looks at the image.
 #
-#   bash scripts/demo.sh [--out runs/demo] [--seed 0] [--images 3000] [--steps 700]
+#   bash scripts/demo.sh [--out runs/demo] [--seed 0] [--images 3000] [--steps 2000]
 #   bash scripts/demo.sh --model_name_or_path TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
 #        --vision_tower openai/clip-vit-large-patch14-336     # GPU: the real two-stage recipe
 #
@@ -11,7 +11,7 @@
 # (tower, projector, LLM) is trained from scratch: the "from-scratch variant".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=runs/demo SEED=0 IMAGES=3000 STEPS=700 LLM="" TOWER=""
+OUT=runs/demo SEED=0 IMAGES=3000 STEPS=2000 LLM="" TOWER=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
@@ -43,7 +43,7 @@ $PY -m data_tools.partition --data "$DATA/dataset.json" --image-folder "$DATA" -
 
 COMMON=(--data_path "$SETS/data_train.json" --eval_data_path "$SETS/data_val.json" --image_folder "$DATA"
         --image_aspect_ratio pad --group_by_modality_length True --report_to none --seed "$SEED"
-        --dataloader_num_workers 1 --logging_steps 25 --save_strategy no)
+        --dataloader_num_workers 1 --logging_steps 25 --logging_first_step True --save_strategy no)
 if [ -z "$LLM" ]; then
   step "2/5 train (from-scratch variant: tiny random LLM + tower, every part trained)"
   echo "No pretrained weights here, so the tower, the projector and the LLM all train from scratch."
@@ -82,7 +82,7 @@ $PY -m eval.score "$OUT/preds.jsonl" --out "$OUT/scores" --model-path "$MODEL"
 step "5/5 report"
 elapsed=$(( $(date +%s) - start ))
 $PY scripts/demo_report.py --preds "$OUT/preds.jsonl" --blind-preds "$OUT/preds_blind.jsonl" \
-  --train "$SETS/data_train.json" --trainer-state "$MODEL/trainer_state.json" \
+  --train "$SETS/data_train.json" --trainer-state "$MODEL/trainer_state.json" --model-config "$MODEL/config.json" \
   --caption-metrics "$OUT/scores/metrics.json" --leakage "$SETS/leakage_report.json" \
   --note "Finished in ${elapsed}s (seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"
 echo "report: $OUT/report.md   metrics: $OUT/metrics.json   (${elapsed}s)"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import sys
 
@@ -23,6 +24,8 @@ from eval.score import load_predictions  # noqa: E402
 from eval.vqa_metrics import normalize_vqa_answer  # noqa: E402
 
 QUESTION_TYPES = ("color", "shape", "count", "presence")
+# The demo's goal: the model reads the picture, and the text alone tells nothing.
+GOAL_MEAN, GOAL_EACH, GOAL_BLIND_MARGIN = 0.80, 0.60, 0.05
 
 
 def _answer(sample: dict) -> str:
@@ -55,13 +58,42 @@ def with_mean(table: dict[str, float]) -> dict[str, float]:
     return {**table, "mean": sum(present) / len(present) if present else 0.0}
 
 
-def build_metrics(preds, blind, train, caption_metrics=None, leakage=None) -> dict:
-    metrics = {
-        "accuracy": with_mean(per_type_accuracy(preds)),
-        "blind_accuracy": with_mean(per_type_accuracy(blind)),
-        "majority_accuracy": with_mean(majority_accuracy(train, preds)),
-        "num_questions": {t: sum(1 for r in preds if r.get("question_type") == t) for t in QUESTION_TYPES},
+def goal_check(accuracy: dict[str, float], blind: dict[str, float], majority: dict[str, float]) -> dict:
+    """Mean accuracy >= 0.80, every type >= 0.60, blind within 0.05 of the majority class on every type."""
+    checks = {
+        f"mean accuracy >= {GOAL_MEAN}": accuracy.get("mean", 0.0) >= GOAL_MEAN,
+        # a type with no questions fails: the goal is about all four
+        **{f"{t} accuracy >= {GOAL_EACH}": accuracy.get(t, 0.0) >= GOAL_EACH for t in QUESTION_TYPES},
+        **{f"{t} blind within {GOAL_BLIND_MARGIN} of majority": abs(blind.get(t, 0.0) - majority.get(t, 0.0))
+           <= GOAL_BLIND_MARGIN for t in QUESTION_TYPES},
     }
+    return {"met": all(checks.values()), "checks": checks}
+
+
+def first_loss_check(trainer_state: dict, vocab_size: int | None) -> dict | None:
+    """The first logged training loss beside ln(vocabulary): a from-scratch model starts there."""
+    losses = [(e["step"], e["loss"]) for e in trainer_state.get("log_history", []) if "loss" in e]
+    if not losses:
+        return None
+    out = {"first_step": losses[0][0], "first_loss": losses[0][1], "last_loss": losses[-1][1]}
+    if vocab_size:
+        out["ln_vocab"] = math.log(vocab_size)
+    return out
+
+
+def build_metrics(preds, blind, train, caption_metrics=None, leakage=None, loss=None) -> dict:
+    accuracy = with_mean(per_type_accuracy(preds))
+    blind_accuracy = with_mean(per_type_accuracy(blind))
+    majority = with_mean(majority_accuracy(train, preds))
+    metrics = {
+        "accuracy": accuracy,
+        "blind_accuracy": blind_accuracy,
+        "majority_accuracy": majority,
+        "num_questions": {t: sum(1 for r in preds if r.get("question_type") == t) for t in QUESTION_TYPES},
+        "goal": goal_check(accuracy, blind_accuracy, majority),
+    }
+    if loss:
+        metrics["training_loss"] = loss
     if caption_metrics:
         metrics["caption"] = caption_metrics
     if leakage is not None:
@@ -72,8 +104,11 @@ def build_metrics(preds, blind, train, caption_metrics=None, leakage=None) -> di
 def summary_lines(metrics: dict) -> list[str]:
     acc, blind, major = metrics["accuracy"], metrics["blind_accuracy"], metrics["majority_accuracy"]
     types = ", ".join(f"{t} {acc.get(t, 0):.2f}" for t in QUESTION_TYPES)
+    missed = [name for name, ok in metrics["goal"]["checks"].items() if not ok]
+    verdict = "goal met" if metrics["goal"]["met"] else "goal missed: " + "; ".join(missed)
     return [f"trained model: mean accuracy {acc['mean']:.2f} ({types})",
-            f"blind control (blank images): mean {blind['mean']:.2f}; majority class: mean {major['mean']:.2f}"]
+            f"blind control (blank images): mean {blind['mean']:.2f}; majority class: mean {major['mean']:.2f}; "
+            f"{verdict}"]
 
 
 def write_markdown(metrics: dict, plots: dict[str, str], out_dir: str, notes: list[str]) -> str:
@@ -82,6 +117,16 @@ def write_markdown(metrics: dict, plots: dict[str, str], out_dir: str, notes: li
         rows.append(f"| {t} | {metrics['accuracy'].get(t, 0):.3f} | {metrics['blind_accuracy'].get(t, 0):.3f} | "
                     f"{metrics['majority_accuracy'].get(t, 0):.3f} | {metrics['num_questions'].get(t, '')} |")
     parts = ["# Demo report: does the model look at the image?", "", *summary_lines(metrics), "", *rows, ""]
+    parts += ["Goal: mean accuracy >= 0.80, every type >= 0.60, blind within 0.05 of the majority class.", ""]
+    parts += [f"- {'yes' if ok else 'NO '} {name}" for name, ok in metrics["goal"]["checks"].items()] + [""]
+    loss = metrics.get("training_loss")
+    if loss:
+        vocab = f" (ln vocabulary = {loss['ln_vocab']:.2f})" if "ln_vocab" in loss else ""
+        parts += [f"Training loss: {loss['first_loss']:.3f} at step {loss['first_step']}{vocab}, "
+                  f"{loss['last_loss']:.3f} at the end.", ""]
+    if "shared_images_across_splits" in metrics:
+        parts += [f"Images shared across train/val/test: {metrics['shared_images_across_splits']} "
+                  "(partitioned by image, content hash and perceptual hash).", ""]
     if "caption" in metrics:
         caption = metrics["caption"]
         keys = [k for k in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr") if k in caption]
@@ -99,7 +144,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preds", required=True)
     parser.add_argument("--blind-preds", required=True)
     parser.add_argument("--train", required=True, help="training split (for the majority class)")
-    parser.add_argument("--trainer-state", default=None)
+    parser.add_argument("--trainer-state", default=None, help="the model's trainer_state.json (loss curve)")
+    parser.add_argument("--model-config", default=None, help="the model's config.json (vocabulary size)")
     parser.add_argument("--caption-metrics", default=None, help="metrics.json of eval.score on the predictions")
     parser.add_argument("--leakage", default=None, help="partition's leakage_report.json")
     parser.add_argument("--note", action="append", default=[])
@@ -116,8 +162,19 @@ def main(argv=None) -> int:
     leakage = None
     if args.leakage and os.path.isfile(args.leakage):
         with open(args.leakage) as f:
-            leakage = json.load(f).get("shared_images", json.load(open(args.leakage)))
-    metrics = build_metrics(load_predictions(args.preds), load_predictions(args.blind_preds), train, caption, leakage)
+            leakage = json.load(f)["shared_images"]
+    loss = None
+    if args.trainer_state and os.path.isfile(args.trainer_state):
+        with open(args.trainer_state) as f:
+            state = json.load(f)
+        vocab_size = None
+        if args.model_config and os.path.isfile(args.model_config):
+            with open(args.model_config) as f:
+                config = json.load(f)
+            vocab_size = config.get("text_config", config).get("vocab_size")
+        loss = first_loss_check(state, vocab_size)
+    metrics = build_metrics(load_predictions(args.preds), load_predictions(args.blind_preds), train, caption,
+                            leakage, loss)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plots = {"accuracy by question type": plot_accuracy_bars(
