@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 
+from .measure import add_threads_argument, use_cpu_threads
 from .workload import SHAPES, write_mix, write_models
 
 MODES = {  # shapes, questions per timed window, windows, new tokens per answer
@@ -155,11 +156,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="TinyLlama-1.1B + CLIP ViT-L/14-336 shapes, random weights (for a GPU machine)")
     parser.add_argument("--out", help="write every figure to this JSON file")
     parser.add_argument("--workdir", help="keep the model and data here (default: a temporary folder)")
+    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    use_cpu_threads(args.threads)
     mode = "gpu" if args.gpu_shapes else "smoke" if args.smoke else "quick" if args.quick else "full"
     workdir = args.workdir or tempfile.mkdtemp(prefix="llava-tiny-genbench-")
     try:

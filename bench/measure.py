@@ -19,6 +19,7 @@ IGNORE_INDEX = -100
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; --peak-tflops overrides.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+PCIE_H100_BF16_FLOPS = 756e12
 
 
 def peak_flops(override_tflops: float | None = None) -> float | None:
@@ -27,8 +28,15 @@ def peak_flops(override_tflops: float | None = None) -> float | None:
         return override_tflops * 1e12
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name()
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return peak_flops_for(torch.cuda.get_device_name())
+
+
+def peak_flops_for(name: str) -> float | None:
+    """Peak by whole words of the device name ("NVIDIA L40" is not an L4, an A10G not an A10)."""
+    words = name.upper().replace("-", " ").split()
+    if "H100" in words and "PCIE" in words:
+        return PCIE_H100_BF16_FLOPS
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in words), None)
 
 
 def reset_peak_memory() -> str:
@@ -251,6 +259,19 @@ def flops_per_batch_fn(counts: dict[str, int]):
                 + 6 * counts["projector"] * batch.images * counts["image_tokens"])
 
     return flops
+
+
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads per side (default 1: on a small shared CPU a second thread makes tiny "
+                             "models several times slower and the ratio unstable; both sides get the same)")
+
+
+def use_cpu_threads(threads: int) -> None:
+    """Both sides (and their child processes) compute on `threads` CPU threads; nothing changes on a GPU."""
+    if not torch.cuda.is_available():
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def environment() -> dict:

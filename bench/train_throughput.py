@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from .measure import TurnTaking
+from .measure import TurnTaking, add_threads_argument, use_cpu_threads
 from .workload import SHAPES, write_mix, write_models
 
 SIDES = ("baseline", "ours", "grouped")
@@ -163,7 +163,7 @@ def _run_ours(plan: RunPlan, probe, out_dir: str, flags: list[str]):
             "--dataloader_num_workers", str(plan.num_workers),
             "--gradient_checkpointing", str(plan.gradient_checkpointing),
             "--disable_tqdm", "True", *(["--bf16", "True"] if torch.cuda.is_available() else []), *flags]
-    train_module.train(argv=argv)
+    train_module.train(attn_implementation="flash_attention_2", argv=argv)  # as train_mem.py: SDPA without flash-attn
     return captured["model"]
 
 
@@ -322,6 +322,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra-flags", default="",
                         help="more llava_tiny flags for our sides, e.g. '--chunked_ce True'")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: known bf16 peaks)")
+    add_threads_argument(parser)
     parser.add_argument("--workdir", help="keep models, data and runs here (default: a temporary folder)")
     parser.add_argument("--run-side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
@@ -332,6 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    use_cpu_threads(args.threads)
     if args.run_side:  # a child process: one side
         with open(args.plan) as f:
             plan = RunPlan(**json.load(f))

@@ -36,3 +36,14 @@ def test_generate_throughput_smoke_writes_every_figure(tmp_path):
         assert side["answers_per_s"] > 0 and 0 < side["new_tokens_per_answer"] <= report["max_new_tokens"]
     for key in ("speedup_batched_vs_baseline", "speedup_batched_vs_batch1", "speedup_batch1_vs_baseline"):
         assert report[key] > 0
+
+
+def test_mfu_peak_is_found_by_whole_words_of_the_device_name():
+    from bench.measure import peak_flops_for
+
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops_for("NVIDIA L4") == 121e12
+    assert peak_flops_for("NVIDIA L40") is None  # not an L4
+    assert peak_flops_for("NVIDIA A10G") is None  # not an A10
+    assert peak_flops_for("NVIDIA A100-SXM4-80GB") == 312e12

@@ -170,6 +170,19 @@ def test_output_dir_of_another_run_is_refused(tmp_path, tiny_parts, fixed_batch)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
+def test_overwrite_output_dir_sets_the_old_run_aside(tmp_path, tiny_parts, fixed_batch):
+    out = tmp_path / "out"
+    run(tiny_parts, fixed_batch, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+        "--learning_rate", "1e-3")
+    old_weights = (out / "model.safetensors").read_bytes()
+    history = run(tiny_parts, fixed_batch, out, "--max_steps", "1", "--learning_rate", "2e-3",
+                  "--overwrite_output_dir", "True")
+    assert [e["step"] for e in history if "loss" in e] == [1]  # started over, did not resume from checkpoint-2
+    aside = out / "previous-run-1"
+    assert (aside / "model.safetensors").read_bytes() == old_weights  # nothing deleted
+    assert (aside / "checkpoint-2").is_dir() and not (out / "checkpoint-2").exists()
+
+
 def test_llava_flags_are_accepted(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in

@@ -66,6 +66,30 @@ def remove_incomplete_checkpoints(run_dir: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+PREVIOUS_RUN_PREFIX = "previous-run-"
+
+
+def set_aside_previous_run(run_dir: str) -> str | None:
+    """--overwrite_output_dir: move what the folder holds into `previous-run-N/` (nothing deleted), so
+    the new run neither resumes from nor rotates away the old run's checkpoints."""
+    if not os.path.isdir(run_dir):
+        return None
+    entries = [name for name in os.listdir(run_dir) if not name.startswith(PREVIOUS_RUN_PREFIX)]
+    if not entries:
+        return None
+    taken = {name for name in os.listdir(run_dir) if name.startswith(PREVIOUS_RUN_PREFIX)}
+    number = 1
+    while f"{PREVIOUS_RUN_PREFIX}{number}" in taken:
+        number += 1
+    target = os.path.join(run_dir, f"{PREVIOUS_RUN_PREFIX}{number}")
+    os.makedirs(target)
+    for name in entries:
+        os.rename(os.path.join(run_dir, name), os.path.join(target, name))
+    logger.warning("--overwrite_output_dir: moved what %s held into %s; the new run starts from scratch",
+                   run_dir, target)
+    return target
+
+
 # Test-only hook: the fault tests SIGKILL a real run while it writes a checkpoint. With
 # LLAVA_TINY_TEST_SLOW_SAVE=N the save of checkpoint-N sleeps after its weights are written and
 # before the optimizer state and trainer_state.json, so the kill lands mid-write.

@@ -25,7 +25,7 @@ from .dataset import LazySupervisedDataset
 from .fast_path import run_frozen_tower_without_grad
 from .packing import make_data_collator, use_packed_attention
 from .recipes import apply_recipe, recipe_name
-from .safety import PreemptionCallback, explain_disk_full, remove_incomplete_checkpoints
+from .safety import PreemptionCallback, explain_disk_full, remove_incomplete_checkpoints, set_aside_previous_run
 from .trainer import LlavaTrainer, newest_checkpoint
 
 logger = logging.getLogger("llava_tiny.train")
@@ -125,6 +125,8 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
     recipe = recipe_name(model_args, training_args)
     resume = resolve_resume(model_args, data_args, training_args)
     if training_args.process_index == 0:
+        if training_args.overwrite_output_dir and not training_args.resume_from_checkpoint:
+            set_aside_previous_run(training_args.output_dir)
         remove_incomplete_checkpoints(training_args.output_dir)  # left by a save that was killed
     _barrier()
     if training_args.process_index == 0:
