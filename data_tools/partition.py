@@ -33,9 +33,6 @@ SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FILES = {name: f"data_{name}.json" for name in SPLIT_NAMES}
 LEAKAGE_REPORT = "leakage_report.json"
 NO_VALUE = "(none)"
-STRATIFY_FIELDS = ("source", "answer_type", "question_type")
-
-
 def parse_ratios(values) -> dict[str, float]:
     """{"train", "val", "test"} -> fraction from 3 values (train val test) or 2 (train test)."""
     values = [float(v) for v in values]
@@ -144,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ratios", nargs="+", default=["0.7", "0.1", "0.2"],
                         help="train val test (default 0.7 0.1 0.2), or train test")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default 0)")
-    parser.add_argument("--stratify", choices=STRATIFY_FIELDS, help="keep the ratios within each value of this field")
+    parser.add_argument("--stratify", metavar="FIELD",
+                        help="keep the ratios within each value of this record field: source (from the image path "
+                             "when absent), answer_type, question_type, or any other field (synthesize writes scene)")
     add_image_comparison_arguments(parser)
     add_allow_outside_argument(parser)
     add_report_argument(parser)

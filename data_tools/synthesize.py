@@ -9,8 +9,9 @@ positions (or one per cell of a 2x2 grid with --layout grid). With `--objects di
 each object has its own colour and its own shape; with `--objects alike` all objects of an image
 share one colour and one shape (no colour-to-shape binding to learn: what a model trained from
 scratch in minutes can master). Every image gives single-turn `color`, `shape`, `count`,
-`presence`, `position` (distinct objects only) questions and a `caption` (--question-types picks
-some).
+`presence` (with alike objects two: a "yes" and a "no" about the same picture), `position`
+(distinct objects only) questions and a `caption` (--question-types picks some). Each record
+carries `scene` (what the picture shows) for `partition --stratify scene`.
 
 The answers are balanced per question type by construction: for each type a schedule holds every
 possible answer equally often (shuffled), and the image is drawn to make the scheduled answer
@@ -168,15 +169,17 @@ def caption_for(objects: list[ShapeObject]) -> str:
     return text + "."
 
 
-def _record(image_index: int, image: str, question_type: str, question: str, answer: str) -> dict:
+def _record(image_index: int, image: str, question_type: str, question: str, answer: str, scene: str,
+            suffix: str = "") -> dict:
     return {
-        "id": f"shapes-{image_index:05d}-{question_type}",
+        "id": f"shapes-{image_index:05d}-{question_type}{suffix}",
         "image": image,
         "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
         "question_type": question_type,
         "answer_type": "closed" if answer in ("yes", "no") else "open",
         "references": [answer],
         "source": SOURCE,
+        "scene": scene,  # what the picture shows: `partition --stratify scene` balances the splits
     }
 
 
@@ -219,17 +222,23 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
         image = f"images/{i:05d}.png"
         draw_scene(objects, image_size).save(os.path.join(out_dir, image), format="PNG")
         present = {(o.color, o.shape) for o in objects}
-        if presence_answers[i] == "yes":
+        scene = caption_for(objects).removesuffix(".")
+        presence = []  # (asked pair, answer)
+        if alike:
+            # Both answers about every image, the scheduled one first: the same picture answers "yes" to
+            # its own pair and "no" to any other (asked pairs are uniform over all pairs either way, so the
+            # question's words tell nothing about the answer).
+            other = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
+            both = {"yes": (objects[0].color, objects[0].shape), "no": other}
+            first = presence_answers[i]
+            presence = [(both[first], first), *[(both[a], a) for a in ("yes", "no") if a != first]]
+        elif presence_answers[i] == "yes":
             asked = rng.choice(objects)
-            asked_pair = (asked.color, asked.shape)
-        elif alike:
-            # Any other pair: asked pairs are then uniform over all pairs for "yes" and "no" alike,
-            # so the question's words tell nothing about the answer.
-            asked_pair = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
+            presence = [((asked.color, asked.shape), "yes")]
         else:
             # Prefer a colour and a shape that are both in the image but on different objects.
             unbound = [(a.color, b.shape) for a in objects for b in objects if a is not b]
-            asked_pair = rng.choice(unbound or sorted(set((c, s) for c in COLORS for s in SHAPES) - present))
+            presence = [(rng.choice(unbound or sorted(set((c, s) for c in COLORS for s in SHAPES) - present)), "no")]
         positioned = objects[position_t]
         if alike:
             color_question, shape_question = "What color are the objects?", "What shape are the objects?"
@@ -237,13 +246,14 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
             color_question = f"What color is the {objects[color_t].shape}?"
             shape_question = f"What shape is the {objects[shape_t].color} object?"
         records += [record for record in [
-            _record(i, image, "color", color_question, objects[color_t].color),
-            _record(i, image, "shape", shape_question, objects[shape_t].shape),
-            _record(i, image, "count", "How many objects are there?", str(len(objects))),
-            _record(i, image, "presence", f"Is there a {asked_pair[0]} {asked_pair[1]}?", presence_answers[i]),
+            _record(i, image, "color", color_question, objects[color_t].color, scene),
+            _record(i, image, "shape", shape_question, objects[shape_t].shape, scene),
+            _record(i, image, "count", "How many objects are there?", str(len(objects)), scene),
+            *[_record(i, image, "presence", f"Is there a {c} {s}?", answer, scene, f"-{n + 1}" if n else "")
+              for n, ((c, s), answer) in enumerate(presence)],
             _record(i, image, "position", f"Is the {positioned.color} {positioned.shape} on the left or the right?",
-                    positioned.side_of_image(image_size)),
-            _record(i, image, "caption", CAPTION_PROMPT, caption_for(objects)),
+                    positioned.side_of_image(image_size), scene),
+            _record(i, image, "caption", CAPTION_PROMPT, caption_for(objects), scene),
         ] if record["question_type"] in question_types]
     path = os.path.join(out_dir, "dataset.json")
     write_json(path, records)

@@ -39,7 +39,8 @@ step "1/5 data: synthesize, validate, partition by image"
 $PY -m data_tools.synthesize --out-dir "$DATA" --num-images "$IMAGES" --image-size 32 --layout grid \
   --objects alike --question-types color shape count presence caption --seed "$SEED"
 $PY -m data_tools.validate --data "$DATA/dataset.json" --image-folder "$DATA" --report "$OUT/validate_report.json"
-$PY -m data_tools.partition --data "$DATA/dataset.json" --image-folder "$DATA" --out-dir "$SETS" --seed "$SEED"
+$PY -m data_tools.partition --data "$DATA/dataset.json" --image-folder "$DATA" --out-dir "$SETS" --seed "$SEED" \
+  --stratify scene  # every split shows each scene in the same proportion: balanced answers
 
 COMMON=(--data_path "$SETS/data_train.json" --eval_data_path "$SETS/data_val.json" --image_folder "$DATA"
         --image_aspect_ratio pad --group_by_modality_length True --report_to none --seed "$SEED"

@@ -223,3 +223,14 @@ def test_assignment_bound_per_stratum(groups, seed):
         for k, ratio in enumerate(ratios):
             filled = sum(sizes[i] for i in members if assignment[i] == k)
             assert abs(filled - ratio * total) <= largest
+
+
+def test_stratify_by_any_field_from_the_command_line(dataset, tmp_path):
+    samples = [dict(s, scene=f"scene{len(s.get('image', '')) % 2}") for s in dataset["samples"]]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(samples))
+    out = tmp_path / "sets"
+    assert partition.main(["--data", str(data), "--out-dir", str(out), "--ratios", "0.5", "0.5",
+                           "--stratify", "scene", "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["per_scene"]) == {"scene0", "scene1"}

@@ -200,3 +200,10 @@ def test_alike_objects_refuse_position_and_ask_presence_about_any_other_pair(tmp
             shared[(colour in caption) + (shape in caption)] += 1
     # "no" questions sometimes share the colour or the shape of the picture: one attribute is not enough
     assert shared[0] > 0 and shared[1] > 0
+    # every picture is asked once with "yes" and once with "no"
+    answers = collections.defaultdict(list)
+    for record in records:
+        if record["question_type"] == "presence":
+            answers[record["image"]].append(record["conversations"][1]["value"])
+    assert len(answers) == 200 and all(sorted(a) == ["no", "yes"] for a in answers.values())
+    assert all(r["scene"] == captions[r["image"]].removesuffix(".") for r in records)
