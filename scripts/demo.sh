@@ -43,7 +43,7 @@ $PY -m data_tools.partition --data "$DATA/dataset.json" --image-folder "$DATA" -
   --stratify scene  # every split shows each scene in the same proportion: balanced answers
 
 COMMON=(--data_path "$SETS/data_train.json" --eval_data_path "$SETS/data_val.json" --image_folder "$DATA"
-        --image_aspect_ratio pad --group_by_modality_length True --report_to none --seed "$SEED"
+        --image_aspect_ratio pad --report_to none --seed "$SEED"
         --dataloader_num_workers 1 --logging_steps 25 --logging_first_step True --save_strategy no)
 if [ -z "$LLM" ]; then
   step "2/5 train (from-scratch variant: tiny random LLM + tower, every part trained)"
