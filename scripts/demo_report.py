@@ -139,6 +139,14 @@ def write_markdown(metrics: dict, plots: dict[str, str], out_dir: str, notes: li
     return path
 
 
+def _read_json(path: str | None):
+    """The file's JSON, or None when no path was given or the file is not there (optional inputs)."""
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preds", required=True)
@@ -152,27 +160,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    with open(args.train) as f:
+    with open(args.train) as f:  # required
         train = json.load(f)
+    scored = _read_json(args.caption_metrics)
     caption = None
-    if args.caption_metrics and os.path.isfile(args.caption_metrics):
-        with open(args.caption_metrics) as f:
-            scored = json.load(f)
+    if scored:
         caption = {k: v for k, v in scored.get("caption", scored).items() if isinstance(v, (int, float))}
-    leakage = None
-    if args.leakage and os.path.isfile(args.leakage):
-        with open(args.leakage) as f:
-            leakage = json.load(f)["shared_images"]
-    loss = None
-    if args.trainer_state and os.path.isfile(args.trainer_state):
-        with open(args.trainer_state) as f:
-            state = json.load(f)
-        vocab_size = None
-        if args.model_config and os.path.isfile(args.model_config):
-            with open(args.model_config) as f:
-                config = json.load(f)
-            vocab_size = config.get("text_config", config).get("vocab_size")
-        loss = first_loss_check(state, vocab_size)
+    leakage = (_read_json(args.leakage) or {}).get("shared_images")
+    state, config = _read_json(args.trainer_state), _read_json(args.model_config)
+    vocab_size = config.get("text_config", config).get("vocab_size") if config else None
+    loss = first_loss_check(state, vocab_size) if state else None
     metrics = build_metrics(load_predictions(args.preds), load_predictions(args.blind_preds), train, caption,
                             leakage, loss)
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
