@@ -230,8 +230,8 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
             # question's words tell nothing about the answer).
             other = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in present])
             both = {"yes": (objects[0].color, objects[0].shape), "no": other}
-            first = presence_answers[i]
-            presence = [(both[first], first), *[(both[a], a) for a in ("yes", "no") if a != first]]
+            order = ("yes", "no") if presence_answers[i] == "yes" else ("no", "yes")
+            presence = [(both[answer], answer) for answer in order]
         elif presence_answers[i] == "yes":
             asked = rng.choice(objects)
             presence = [((asked.color, asked.shape), "yes")]
