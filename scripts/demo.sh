@@ -61,7 +61,7 @@ if [ -z "$LLM" ]; then
     --model_name_or_path "$OUT/base/llm" --vision_tower "$OUT/base/clip" --version tinyllama \
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True \
     --output_dir "$MODEL" --max_steps "$STEPS" --per_device_train_batch_size 32 --per_device_eval_batch_size 64 \
-    --learning_rate 1e-3 --warmup_ratio 0.05 --lr_scheduler_type cosine --weight_decay 0. \
+    --learning_rate 1e-3 --warmup_ratio 0.05 --lr_scheduler_type cosine --weight_decay 0. --packing True \
     --eval_strategy steps --eval_steps $(( STEPS / 2 )) "${COMMON[@]}"
 else
   step "2/5 train: the two-stage recipe on real weights ($LLM + $TOWER)"
