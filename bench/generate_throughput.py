@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from .measure import add_threads_argument, use_cpu_threads
+from .measure import add_common_arguments, mode_of, use_cpu_threads
 from .workload import SHAPES, write_mix, write_models
 
 MODES = {  # shapes, questions per timed window, windows, new tokens per answer
@@ -150,20 +150,16 @@ def measure(mode: str, workdir: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="under a minute on a 2-core CPU")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few answers: checks the harness only")
-    parser.add_argument("--gpu-shapes", action="store_true",
-                        help="TinyLlama-1.1B + CLIP ViT-L/14-336 shapes, random weights (for a GPU machine)")
-    parser.add_argument("--out", help="write every figure to this JSON file")
+    add_common_arguments(parser, quick_help="under a minute on a 2-core CPU",
+                         smoke_help="tiny shapes, a few answers: checks the harness only")
     parser.add_argument("--workdir", help="keep the model and data here (default: a temporary folder)")
-    add_threads_argument(parser)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     use_cpu_threads(args.threads)
-    mode = "gpu" if args.gpu_shapes else "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = mode_of(args)
     workdir = args.workdir or tempfile.mkdtemp(prefix="llava-tiny-genbench-")
     try:
         started = time.perf_counter()

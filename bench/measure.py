@@ -261,10 +261,20 @@ def flops_per_batch_fn(counts: dict[str, int]):
     return flops
 
 
-def add_threads_argument(parser) -> None:
+def add_common_arguments(parser, quick_help: str, smoke_help: str) -> None:
+    """The flags both benchmarks share: the mode, --out, and CPU threads."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--gpu-shapes", action="store_true",
+                        help="TinyLlama-1.1B + CLIP ViT-L/14-336 shapes, random weights (for a GPU machine)")
+    parser.add_argument("--out", help="write every figure to this JSON file")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads per side (default 1: on a small shared CPU a second thread makes tiny "
                              "models several times slower and the ratio unstable; both sides get the same)")
+
+
+def mode_of(args) -> str:
+    return "gpu" if args.gpu_shapes else "smoke" if args.smoke else "quick" if args.quick else "full"
 
 
 def use_cpu_threads(threads: int) -> None:

@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
-from .measure import TurnTaking, add_threads_argument, use_cpu_threads
+from .measure import TurnTaking, add_common_arguments, mode_of, use_cpu_threads
 from .workload import SHAPES, write_mix, write_models
 
 SIDES = ("baseline", "ours", "grouped")
@@ -309,11 +309,8 @@ def _print_report(plan: RunPlan, results: dict[str, dict], summary: dict) -> Non
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="about two minutes on a 2-core CPU")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few steps: checks the harness only")
-    parser.add_argument("--gpu-shapes", action="store_true",
-                        help="TinyLlama-1.1B + CLIP ViT-L/14-336 shapes, random weights (for a GPU machine)")
-    parser.add_argument("--out", help="write every figure to this JSON file")
+    add_common_arguments(parser, quick_help="about two minutes on a 2-core CPU",
+                         smoke_help="tiny shapes, a few steps: checks the harness only")
     parser.add_argument("--sides", help=f"comma-separated subset of {','.join(SIDES)} (baseline and ours required)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-workers", type=int, help="data loader workers on every side (default: 0; 4 on a GPU)")
@@ -322,7 +319,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra-flags", default="",
                         help="more llava_tiny flags for our sides, e.g. '--chunked_ce True'")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU (default: known bf16 peaks)")
-    add_threads_argument(parser)
     parser.add_argument("--workdir", help="keep models, data and runs here (default: a temporary folder)")
     parser.add_argument("--run-side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--plan", help=argparse.SUPPRESS)
@@ -343,7 +339,7 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=2)
         return 0
 
-    mode = "gpu" if args.gpu_shapes else "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = mode_of(args)
     plan = RunPlan(**MODES[mode], extra_flags=args.extra_flags.split(), tokenizer=args.tokenizer,
                    peak_tflops=args.peak_tflops)
     if args.batch_size:
