@@ -15,124 +15,16 @@ Every record gets `references` (the answer, or all captions of the image) and `a
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import posixpath
 from collections import Counter
 
+from .embedded_images import ImageWriter
 from .io import DataToolError, add_report_argument, check_output_path, cli_errors, write_report, write_samples
+from .records import CAPTION_PROMPT, caption_records, make_record, normalize_answer_type
+from .tables import DEFAULT_COLUMNS, Table, cell_text, parse_where, pick_column, read_table, row_filter
 
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
-# Column names tried in order when no --*-column flag is given (VQA-RAD, SLAKE, PathVQA, HF sets).
-DEFAULT_COLUMNS = {
-    "image": ("image", "image_name", "img_name", "image_path", "img_path", "file_name", "image_id", "img_id"),
-    "question": ("question", "sent", "query"),
-    "answer": ("answer", "answers", "label"),
-    "answer_type": ("answer_type",),
-    "question_type": ("question_type",),
-    "id": ("qid", "question_id", "id"),
-    "caption": ("caption", "captions", "sentences", "text"),
-}
-ANSWER_TYPES = {"closed": "closed", "open": "open", "yes/no": "closed", "number": "open", "other": "open"}
-
-
-def normalize_answer_type(value, answer: str, where: str) -> str:
-    """`closed`/`open` from a VQA answer-type value; inferred from the answer when missing."""
-    if value is None or str(value).strip() == "":
-        return "closed" if answer.strip().lower() in ("yes", "no") else "open"
-    key = str(value).strip().lower()
-    if key not in ANSWER_TYPES:
-        raise DataToolError(f"{where}: answer type {value!r}; expected one of {sorted(ANSWER_TYPES)}")
-    return ANSWER_TYPES[key]
-
-
-def make_record(sid: str, image: str | None, question: str, answer: str, references: list[str], answer_type: str,
-                question_type: str | None = None, source: str | None = None) -> dict:
-    """One single-turn LLaVA sample with the evaluation fields the project uses."""
-    record = {"id": sid}
-    if image is not None:
-        record["image"] = image
-    record["conversations"] = [{"from": "human", "value": f"<image>\n{question}" if image is not None else question},
-                               {"from": "gpt", "value": answer}]
-    if question_type is not None:
-        record["question_type"] = question_type
-    record["answer_type"] = answer_type
-    record["references"] = references
-    if source is not None:
-        record["source"] = source
-    return record
-
-
-def caption_records(sid: str, image: str, captions: list[str], mode: str, prompt: str = CAPTION_PROMPT,
-                    source: str | None = None, caption_ids: list | None = None) -> list[dict]:
-    """per-image: one record, first caption as target; per-caption: one record per caption.
-
-    `references` always holds every caption of the image (what caption metrics compare with).
-    """
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-    if not captions:
-        return []
-    if mode == "per-image":
-        return [make_record(sid, image, prompt, captions[0], captions, "open", "caption", source)]
-    ids = caption_ids or list(range(len(captions)))
-    return [make_record(f"{sid}-{cid}", image, prompt, caption, captions, "open", "caption", source)
-            for cid, caption in zip(ids, captions)]
-
-
-def read_rows(path: str) -> list[dict]:
-    """Rows of a VQA table: JSON list of objects, JSONL, or CSV with a header line."""
-    if not os.path.isfile(path):
-        raise DataToolError(f"{path}: file not found")
-    if path.lower().endswith(".csv"):
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f))
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
-            raise DataToolError(f"{path}: not JSON, JSONL or CSV ({err.msg})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise DataToolError(f"{path}: expected a list of objects (one per question)")
-    return rows
-
-
-def pick_column(columns, wanted: str | None, role: str, path: str, required: bool = True) -> str | None:
-    """The column for `role`: `wanted` when given (must exist), else the first default present."""
-    if wanted is not None:
-        if wanted.lower() == "none":
-            return None
-        if wanted not in columns:
-            raise DataToolError(f"{path}: no column {wanted!r} for the {role}; columns are {sorted(columns)}")
-        return wanted
-    for name in DEFAULT_COLUMNS[role]:
-        if name in columns:
-            return name
-    if required:
-        raise DataToolError(f"{path}: no {role} column (tried {', '.join(DEFAULT_COLUMNS[role])}); "
-                            f"columns are {sorted(columns)}; name it with --{role.replace('_', '-')}-column")
-    return None
-
-
-def parse_where(conditions) -> list[tuple[str, str]]:
-    pairs = []
-    for condition in conditions or ():
-        column, sep, value = condition.partition("=")
-        if not sep or not column:
-            raise DataToolError(f"--where {condition!r}: expected COLUMN=VALUE")
-        pairs.append((column, value))
-    return pairs
-
-
-def cell_text(value) -> str:
-    """A table cell as stripped text ('' for None)."""
-    if value is None:
-        return ""
-    return str(value).strip()
+VQA_ROLES = ("image", "question", "answer", "answer_type", "question_type", "id")
 
 
 def _answers(value) -> list[str]:
@@ -142,45 +34,89 @@ def _answers(value) -> list[str]:
     return [t for t in texts if t]
 
 
-def rows_to_vqa(rows, columns, path: str, args, image_of=None) -> tuple[list[dict], list[dict]]:
-    """LLaVA records from VQA rows (an iterable of dicts with these `columns`), and the rows skipped.
+def _kept_rows(table: Table, where, id_column: str | None, id_prefix: str):
+    """(row number, sample id, row) for each row that `where` keeps; ids from `id_column`, else the row number."""
+    keep = row_filter(table.columns, list(where), table.label)
+    for number, row in enumerate(table.rows()):
+        if keep(row):
+            yield number, f"{id_prefix}{cell_text(row.get(id_column)) if id_column else number}", row
 
-    `image_of(row, number)` gives a row's image path (parquet images are extracted by it);
-    without it the image column holds the path.
+
+def vqa_records(table: Table, columns: dict[str, str | None] | None = None, where: list[tuple[str, str]] = (),
+                id_prefix: str = "", instruction: str = "", image_prefix: str = "", source: str | None = None,
+                image_of=None) -> tuple[list[dict], list[dict]]:
+    """LLaVA records from the rows of a VQA table, and the rows skipped.
+
+    `columns`: role (image, question, answer, answer_type, question_type, id) -> column name the
+    user gave (missing: the usual names, see `tables.DEFAULT_COLUMNS`). `image_of(row, number)`
+    gives a row's image path (embedded images are written by it); without it the image column
+    holds the path, joined to `image_prefix`.
     """
-    image_col = pick_column(columns, args.image_column, "image", path)
-    question_col = pick_column(columns, args.question_column, "question", path)
-    answer_col = pick_column(columns, args.answer_column, "answer", path)
-    type_col = pick_column(columns, args.answer_type_column, "answer_type", path, required=False)
-    qtype_col = pick_column(columns, args.question_type_column, "question_type", path, required=False)
-    id_col = pick_column(columns, args.id_column, "id", path, required=False)
-    where = parse_where(args.where)
+    columns = columns or {}
+    label = table.label
+    pick = {role: pick_column(table.columns, columns.get(role), role, label,
+                              required=role in ("image", "question", "answer")) for role in VQA_ROLES}
     records, skipped = [], []
-    for number, row in enumerate(rows):
-        if any(cell_text(row.get(column)) != value for column, value in where):
-            continue
-        sid = f"{args.id_prefix}{cell_text(row.get(id_col)) if id_col else number}"
-        question, references = cell_text(row.get(question_col)), _answers(row.get(answer_col))
+    for number, sid, row in _kept_rows(table, where, pick["id"], id_prefix):
+        question, references = cell_text(row.get(pick["question"])), _answers(row.get(pick["answer"]))
         missing = [name for name, value in (("question", question), ("answer", references)) if not value]
         image = None
         if not missing:
-            image = image_of(row, number) if image_of else cell_text(row.get(image_col))
+            image = image_of(row, number) if image_of else cell_text(row.get(pick["image"]))
             if not image:
                 missing.append("image")
         if missing:
             skipped.append({"row": number, "id": sid, "reason": f"empty {' and '.join(missing)}"})
             continue
-        if not image_of and args.image_prefix:
-            image = posixpath.join(args.image_prefix, image)
-        answer_type = normalize_answer_type(row.get(type_col) if type_col else None, references[0],
-                                            f"{path}: row {number} (sample {sid!r})")
-        question_type = (cell_text(row.get(qtype_col)) or None) if qtype_col else None
-        records.append(make_record(sid, image, question + (f"\n{args.instruction}" if args.instruction else ""),
-                                   references[0], references, answer_type, question_type, args.source))
+        if not image_of and image_prefix:
+            image = posixpath.join(image_prefix, image)
+        answer_type = normalize_answer_type(row.get(pick["answer_type"]) if pick["answer_type"] else None,
+                                            references[0], f"{label}: row {number} (sample {sid!r})")
+        question_type = (cell_text(row.get(pick["question_type"])) or None) if pick["question_type"] else None
+        records.append(make_record(sid, image, question + (f"\n{instruction}" if instruction else ""),
+                                   references[0], references, answer_type, question_type, source))
+    _check_unique_ids(records, label)
+    return records, skipped
+
+
+def _check_unique_ids(records: list[dict], label: str) -> None:
     duplicates = [sid for sid, n in Counter(r["id"] for r in records).items() if n > 1]
     if duplicates:
-        raise DataToolError(f"{path}: ids {duplicates[:5]} occur more than once; expected unique ids "
+        raise DataToolError(f"{label}: ids {duplicates[:5]} occur more than once; expected unique ids "
                             "(use --id-column none to number the rows, or --id-prefix per file)")
+
+
+def _captions(cell) -> list[str]:
+    values = cell if isinstance(cell, list) else [cell]
+    texts = []
+    for value in values:
+        if isinstance(value, dict):  # Karpathy-style {"raw": ...} / {"caption": ...}
+            value = value.get("raw") or value.get("caption") or value.get("text")
+        if cell_text(value):
+            texts.append(cell_text(value))
+    return texts
+
+
+def caption_table_records(table: Table, image_column: str | None = None, caption_column: str | None = None,
+                          id_column: str | None = None, where: list[tuple[str, str]] = (), mode: str = "per-image",
+                          prompt: str = CAPTION_PROMPT, id_prefix: str = "", source: str | None = None,
+                          image_prefix: str = "", image_of=None) -> tuple[list[dict], list[dict]]:
+    """Caption records from a table with an image column and a caption column (a caption or a list of them)."""
+    label = table.label
+    image_col = pick_column(table.columns, image_column, "image", label)
+    caption_col = pick_column(table.columns, caption_column, "caption", label)
+    id_col = pick_column(table.columns, id_column, "id", label, required=False)
+    records, skipped = [], []
+    for number, sid, row in _kept_rows(table, where, id_col, id_prefix):
+        captions = _captions(row.get(caption_col))
+        image = (image_of(row, number) if image_of else cell_text(row.get(image_col))) if captions else ""
+        if not captions or not image:
+            skipped.append({"row": number, "id": sid, "reason": "empty caption" if not captions else "no image"})
+            continue
+        if not image_of and image_prefix:
+            image = posixpath.join(image_prefix, image)
+        records += caption_records(sid, image, captions, mode, prompt, source)
+    _check_unique_ids(records, label)
     return records, skipped
 
 
@@ -226,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   f"{', '.join(DEFAULT_COLUMNS[role])}; 'none' = ignore)")
     columns.add_argument("--where", nargs="+", metavar="COLUMN=VALUE", help="keep only rows matching all of these")
     columns.add_argument("--instruction", default="", help="text added on a new line after each question")
-    vqa = formats.add_parser("vqa", parents=[common, columns], help="VQA table: JSON, JSONL or CSV")
+    vqa = formats.add_parser("vqa", parents=[common, columns], help="VQA table: CSV, JSON, JSONL, parquet or arrow")
     vqa.add_argument("--input", required=True)
     vqa.add_argument("--image-prefix", default="", help="folder prepended to image names (relative to --image_folder)")
     coco = formats.add_parser("coco", parents=[common], help="COCO captions JSON (images + annotations)")
@@ -245,6 +181,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _convert_table(args) -> tuple[list[dict], list[dict], dict]:
+    """`convert vqa` and `convert parquet`: the same table reading, the images as paths or embedded bytes."""
+    table = read_table(args.input if isinstance(args.input, list) else [args.input])
+    where = parse_where(args.where)
+    image_of, extra = None, {}
+    if args.format == "parquet":
+        writer = ImageWriter(args.image_folder, args.image_subdir.strip("/"))
+        image_col = pick_column(table.columns, args.image_column, "image", table.label)
+
+        def image_of(row, number):
+            return writer.save(row.get(image_col), f"row {number}")
+
+    has_question = args.question_column or any(
+        name in {c.lower() for c in table.columns} for name in DEFAULT_COLUMNS["question"])
+    if args.format == "parquet" and not has_question:
+        records, skipped = caption_table_records(
+            table, args.image_column, args.caption_column, args.id_column, where, args.caption_mode, args.prompt,
+            args.id_prefix, args.source, image_of=image_of)
+    else:
+        columns = {role: getattr(args, f"{role}_column") for role in VQA_ROLES}
+        records, skipped = vqa_records(table, columns, where, args.id_prefix, args.instruction,
+                                       getattr(args, "image_prefix", ""), args.source, image_of)
+    if args.format == "parquet":
+        if writer.not_embedded:
+            print(f"warning: {writer.not_embedded} rows reference image files instead of embedding them; "
+                  "their paths are kept as they are")
+        extra = writer.report()
+    return records, skipped, extra
+
+
 @cli_errors
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
@@ -252,16 +218,11 @@ def main(argv=None) -> int:
     check_output_path(args.out, inputs)
     check_output_path(args.report, [*inputs, args.out])
     extra = {}
-    if args.format == "vqa":
-        rows = read_rows(args.input)
-        records, skipped = rows_to_vqa(rows, set().union(*(r.keys() for r in rows)), args.input, args)
-    elif args.format == "coco":
+    if args.format == "coco":
         records, skipped = coco_to_records(args.input, args.caption_mode, args.image_prefix, args.prompt,
                                            args.id_prefix, args.source)
     else:
-        from .parquet import convert_tables
-
-        records, skipped, extra = convert_tables(inputs, args)
+        records, skipped, extra = _convert_table(args)
     write_samples(args.out, records)
     answer_types = dict(sorted(Counter(r["answer_type"] for r in records).items()))
     print(f"{', '.join(inputs)} ({args.format}): wrote {len(records)} samples to {args.out}; skipped {len(skipped)}; "

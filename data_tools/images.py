@@ -1,4 +1,4 @@
-"""Image checks and fingerprints shared by validate, filter, partition and check_leakage.
+"""Image fingerprints shared by partition and check_leakage (the image checks are `llava_tiny.checks`).
 
 Each distinct image file is opened once, in a thread pool (Pillow releases the GIL while it
 decodes). Two files show "the same picture" when their bytes are equal (SHA-256) or when they are
@@ -21,6 +21,8 @@ import imagehash
 import numpy as np
 from PIL import Image
 
+from llava_tiny.images import to_rgb
+
 DEFAULT_PHASH_THRESHOLD = 4  # bits out of 64; JPEG quality-90 copies differ by 0-4
 DEFAULT_COLOR_THRESHOLD = 5.0  # mean absolute difference of 16x16 RGB thumbnails, 0-255 scale
 MAX_CELL_DIFFERENCE = 64  # largest difference of one thumbnail value: a changed object exceeds it
@@ -33,38 +35,12 @@ def default_workers() -> int:
     return min(32, 2 * (os.cpu_count() or 1))
 
 
-def image_problem(path: str) -> str | None:
-    """None when `path` is an image that decodes fully, else what is wrong with it.
-
-    `verify()` checks the container (e.g. PNG checksums) and a real `load()` decodes the pixels,
-    which is what catches a truncated JPEG.
-    """
-    if not os.path.exists(path):
-        return "not found"
-    if not os.path.isfile(path):
-        return "is not a file"
-    try:
-        with Image.open(path) as img:
-            img.verify()
-        with Image.open(path) as img:
-            img.load()
-    except Exception as err:  # Pillow raises many exception types for broken files
-        return f"cannot be decoded ({type(err).__name__}: {err})"
-    return None
-
-
 def _parallel_map(function, items: list, workers: int | None) -> list:
     workers = workers or default_workers()
     if workers <= 1 or len(items) < 2:
         return [function(item) for item in items]
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(function, items, chunksize=1))
-
-
-def check_images(paths, workers: int | None = None) -> dict[str, str | None]:
-    """Map each distinct path to its problem (None when the image is fine), checked in parallel."""
-    unique = list(dict.fromkeys(paths))
-    return dict(zip(unique, _parallel_map(image_problem, unique, workers)))
 
 
 @dataclass(frozen=True)
@@ -88,7 +64,8 @@ def fingerprint_image(path: str) -> Fingerprint:
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", FINGERPRINT_DECODE_SIZE)
-            rgb = img.convert("RGB")
+            img.load()
+            rgb = to_rgb(img)  # transparent pixels as training sees them, not the colour stored under them
     except Exception as err:
         return Fingerprint(sha, None, None, f"cannot be decoded ({type(err).__name__}: {err})")
     phash = int(str(imagehash.phash(rgb)), 16)

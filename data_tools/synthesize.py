@@ -33,13 +33,13 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw
 
 from .io import DataToolError, add_report_argument, cli_errors, write_json, write_report
+from .records import CAPTION_PROMPT
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("square", "circle", "triangle")
 COUNTS = (1, 2, 3)
 BACKGROUND = (255, 255, 255)
 QUESTION_TYPES = ("color", "shape", "count", "presence", "position", "caption")
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 SOURCE = "synthetic-shapes"
 # Shapes are large (30% of the side) so a tiny vision tower sees them at 64x64; an object asked
 # about in a position question sits at least 10% of the side away from the vertical midline.

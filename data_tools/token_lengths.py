@@ -1,4 +1,4 @@
-"""Token lengths exactly as training computes them (`llava_tiny.conversation.tokenize_conversation`).
+"""Token lengths exactly as training computes them (`llava_tiny.checks.check_length`).
 
 Used by `validate` (which samples `--model-max-length` would truncate) and `stats` (histograms).
 Large sets are measured in forked worker processes: tokenizing is the slow part of validating
@@ -10,7 +10,9 @@ import multiprocessing
 import os
 from dataclasses import dataclass, field
 
-from .io import DataToolError, sample_id, sample_images
+from llava_tiny.checks import check_length
+
+from .io import DataToolError, sample_id
 
 PARALLEL_MIN_SAMPLES = 4000  # below this, starting workers costs more than it saves
 CHUNK = 1000
@@ -44,37 +46,14 @@ class TokenLengths:
 _JOB: tuple | None = None  # the work shared with forked workers
 
 
-def _without_sample_name(message: str, sid: str) -> str:
-    """The project's messages start with "sample 'id': "; reports name the sample already."""
-    prefix = f"sample {sid!r}: "
-    return message[len(prefix):] if message.startswith(prefix) else message
-
-
 def _measure(indices: list[int]) -> list[tuple]:
-    from llava_tiny.conversation import ConversationError, tokenize_conversation
-
     samples, tokenizer, template, num_image_tokens, model_max_length = _JOB
     results = []
     for index in indices:
-        sample = samples[index]
-        sid, images = sample_id(sample, index), len(sample_images(sample))
-        try:
-            out = tokenize_conversation(sample["conversations"], tokenizer, template=template,
-                                        num_image_tokens=num_image_tokens, num_images=images, sample_id=sid)
-        except ConversationError as err:
-            results.append((index, None, None, "bad_conversations", _without_sample_name(str(err), sid)))
-            continue
-        length = len(out.input_ids)
-        if model_max_length is None or length <= model_max_length:
-            results.append((index, length, 0, None, None))
-            continue
-        try:
-            fitted = tokenize_conversation(sample["conversations"], tokenizer, template=template,
-                                           num_image_tokens=num_image_tokens, num_images=images,
-                                           model_max_length=model_max_length, sample_id=sid)
-            results.append((index, length, fitted.dropped_turns, None, None))
-        except ConversationError as err:  # not even the first answer fits
-            results.append((index, length, None, "too_long", _without_sample_name(str(err), sid)))
+        checked = check_length(samples[index], sample_id(samples[index], index), tokenizer, template,
+                               num_image_tokens, model_max_length)
+        kind, message = checked.problem or (None, None)
+        results.append((index, checked.length, checked.dropped_turns, kind, message))
     return results
 
 

@@ -4,18 +4,23 @@
         [--tokenizer TinyLlama/... --version llava_v1 --model-max-length 2048] \\
         [--write-clean clean.json] [--report report.json]
 
-Errors (the sample cannot be trained on as it is; exit code 1 when there are any):
+Errors (the sample cannot be trained on as it is; exit code 1 when there are any); the rules are
+`llava_tiny.checks`, the ones training applies:
   missing_id, duplicate_id       every sample needs a unique `id`
   bad_conversations, bad_roles   `conversations` alternates human/gpt, starts with human, ends with gpt
   empty_turn, image_in_answer    no empty turn; `<image>` only in human turns
   bad_image_field                `image` is a path or a list of paths
   image_outside_folder           absolute or `../` image paths (unless --allow-images-outside-folder)
-  missing_image, corrupt_image   every image exists and decodes completely
+  missing_image, corrupt_image   every image exists and decodes completely (a missing image found one or
+                                 two folders down is named: "found at images/x.png: did you forget
+                                 --image-prefix images?")
   image_marker_mismatch          one `<image>` marker per image, no marker without an image
   duplicate_sample               same image(s) and conversation as an earlier sample (--allow-duplicates)
   too_long                       with --model-max-length: not even the first answer fits
 Warnings: truncated (trailing turns would be dropped to fit --model-max-length), absolute_image_path
-(inside the image folder, so training accepts it, but the data breaks when the folder moves).
+(inside the image folder, so training accepts it, but the data breaks when the folder moves),
+transparent_image (transparent pixels, composited onto white; `--image_background mean` in training
+and generation uses the processor's mean colour). The image modes found are listed (RGB, RGBA, L, ...).
 
 Token lengths use the project's `tokenize_conversation`, i.e. exactly what training sees.
 """
@@ -27,87 +32,40 @@ import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .images import check_images
-from .io import (DataToolError, ImagePathError, add_allow_outside_argument, add_report_argument, check_output_path,
-                 cli_errors, image_path_resolver, load_samples, sample_id, sample_images, write_report, write_samples)
+from llava_tiny.checks import Problem, check_samples
+
+from .io import (DataToolError, add_allow_outside_argument, add_report_argument, check_output_path, cli_errors,
+                 load_samples, sample_id, sample_images, write_report, write_samples)
 from .token_lengths import length_summary, load_tokenizer, measure_token_lengths
 
-IMAGE_TOKEN = "<image>"
-ROLES = ("human", "gpt")
-
-
-@dataclass
-class Issue:
-    index: int  # record position in the file
-    sample_id: str
-    kind: str
-    message: str
 
 
 @dataclass
 class ValidationResult:
     num_samples: int
-    errors: list[Issue] = field(default_factory=list)
-    warnings: list[Issue] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
     token_lengths: dict | None = None
+    image_modes: dict[str, int] = field(default_factory=dict)  # distinct decoded images per PIL mode
 
     @property
     def bad_indices(self) -> set[int]:
         return {issue.index for issue in self.errors}
 
-    def counts(self, issues: list[Issue]) -> dict[str, int]:
+    def counts(self, issues: list[Problem]) -> dict[str, int]:
         return dict(sorted(Counter(issue.kind for issue in issues).items()))
 
 
-def conversation_problems(conversations) -> list[tuple[str, str]]:
-    """(kind, message) for each way `conversations` breaks the LLaVA turn rules."""
-    if not isinstance(conversations, list) or not conversations:
-        return [("bad_conversations", "'conversations' is missing or empty; expected a list of {from, value} turns")]
-    problems = []
-    for turn_index, turn in enumerate(conversations):
-        expected = ROLES[turn_index % 2]
-        if not isinstance(turn, dict):
-            problems.append(("bad_conversations", f"turn {turn_index} is a {type(turn).__name__}; expected "
-                                                  "an object with 'from' and 'value'"))
-            continue
-        if turn.get("from") != expected:
-            problems.append(("bad_roles", f"turn {turn_index} is from {turn.get('from')!r}; expected {expected!r} "
-                                          "(roles alternate human/gpt, starting with human)"))
-        value = turn.get("value")
-        if not isinstance(value, str) or not value.strip():
-            problems.append(("empty_turn", f"turn {turn_index} ({turn.get('from')}) has no text; expected a "
-                                           "non-empty 'value'"))
-        elif turn.get("from") == "gpt" and IMAGE_TOKEN in value:
-            problems.append(("image_in_answer", f"turn {turn_index} (gpt) contains {IMAGE_TOKEN}; "
-                                                "expected markers in human turns only"))
-    if len(conversations) % 2:
-        problems.append(("bad_roles", f"{len(conversations)} turns end with a human turn; expected human/gpt pairs "
-                                      "ending with a gpt answer"))
-    return problems
-
-
-def _marker_problem(conversations, num_images: int) -> str | None:
-    markers = sum(t.get("value", "").count(IMAGE_TOKEN) for t in conversations
-                  if isinstance(t, dict) and isinstance(t.get("value"), str))
-    if markers == num_images:
-        return None
-    if markers == 0:
-        return f"has {num_images} image(s) but no {IMAGE_TOKEN} marker; expected one marker per image"
-    if num_images == 0:
-        return f"has {markers} {IMAGE_TOKEN} marker(s) but no 'image'; expected an image per marker"
-    return f"has {num_images} image(s) but {markers} {IMAGE_TOKEN} marker(s); expected one marker per image"
-
-
 def _check_tokens(samples, valid: list[int], ids, tokenizer, template, model_max_length, num_image_tokens, workers,
-                  result: ValidationResult) -> None:
+                  file: str | None, result: ValidationResult) -> None:
     measured = measure_token_lengths(samples, valid, tokenizer, template, num_image_tokens, model_max_length, workers)
     for index, (kind, message) in measured.problems.items():
-        result.errors.append(Issue(index, ids[index], kind, message))
+        result.errors.append(Problem(index, ids[index], kind, message, file))
     for index, dropped in measured.dropped_turns.items():
         turns = len(samples[index]["conversations"]) // 2
-        result.warnings.append(Issue(index, ids[index], "truncated",
-                                     f"{measured.lengths[index]} tokens > model_max_length {model_max_length}: "
-                                     f"{dropped} of {turns} answer turn(s) would be dropped"))
+        result.warnings.append(Problem(index, ids[index], "truncated",
+                                       f"{measured.lengths[index]} tokens > model_max_length {model_max_length}: "
+                                       f"{dropped} of {turns} answer turn(s) would be dropped", file))
     result.token_lengths = {"template": template, "num_image_tokens": num_image_tokens,
                             "model_max_length": model_max_length, **length_summary(measured.lengths.values()),
                             "truncated": len(measured.dropped_turns),
@@ -117,67 +75,41 @@ def _check_tokens(samples, valid: list[int], ids, tokenizer, template, model_max
 def validate_samples(samples: list[dict], image_folder: str | None = None, *, allow_outside: bool = False,
                      workers: int | None = None, allow_duplicates: bool = False, tokenizer=None,
                      template: str = "llava_v1", model_max_length: int | None = None,
-                     num_image_tokens: int = 576) -> ValidationResult:
-    """Check every sample; images are decoded (in parallel) when `image_folder` is given.
+                     num_image_tokens: int = 576, file: str | None = None) -> ValidationResult:
+    """Check every sample with `llava_tiny.checks`; images are decoded (in parallel) when `image_folder` is given.
 
-    With a `tokenizer` (already passed through `prepare_tokenizer`), token lengths are measured
-    with `tokenize_conversation` and samples that `model_max_length` would truncate are reported.
+    Adds the checks across samples (unique ids, no duplicate sample). With a `tokenizer` (already
+    passed through `prepare_tokenizer`), token lengths are measured with `tokenize_conversation`
+    and samples that `model_max_length` would truncate are reported.
     """
     result = ValidationResult(num_samples=len(samples))
+    checked = check_samples(samples, file=file, image_folder=image_folder, allow_outside=allow_outside,
+                            images="full" if image_folder else None, workers=workers)
+    result.errors, result.warnings = checked.errors, checked.warnings
+    result.image_modes = dict(Counter(f.mode for f in checked.images.values() if f.mode).most_common())
     ids = [sample_id(s, i) for i, s in enumerate(samples)]
     first_with_id: dict[str, int] = {}
     first_with_content: dict[str, int] = {}
-    image_uses: list[tuple[int, str, str]] = []  # (index, relative path, resolved path)
-    resolve = image_path_resolver(image_folder, allow_outside) if image_folder else None
 
     def error(index, kind, message):
-        result.errors.append(Issue(index, ids[index], kind, message))
+        result.errors.append(Problem(index, ids[index], kind, message, file))
 
     for index, sample in enumerate(samples):
         if sample.get("id") is None or sample.get("id") == "":
             error(index, "missing_id", "has no 'id'; expected a unique id per sample")
         elif first_with_id.setdefault(ids[index], index) != index:
             error(index, "duplicate_id", f"id already used by record {first_with_id[ids[index]]}; expected unique ids")
-        conversations = sample.get("conversations")
-        for kind, message in conversation_problems(conversations):
-            error(index, kind, message)
-        images = sample_images(sample)
-        if any(not isinstance(p, str) or not p.strip() for p in images):
-            error(index, "bad_image_field",
-                  f"'image' is {sample.get('image')!r}; expected a relative path or a list of them")
-            continue
-        if isinstance(conversations, list):
-            problem = _marker_problem(conversations, len(images))
-            if problem:
-                error(index, "image_marker_mismatch", problem)
-        for rel in images:
-            if os.path.isabs(rel):
-                result.warnings.append(Issue(index, ids[index], "absolute_image_path",
-                                             f"image {rel!r} is absolute; relative paths keep the data portable"))
-            try:
-                path = resolve(rel) if resolve else None
-            except ImagePathError as err:
-                error(index, "image_outside_folder", str(err))
-                continue
-            if path:
-                image_uses.append((index, rel, path))
         if not allow_duplicates:
-            key = json.dumps([images, conversations], sort_keys=True, ensure_ascii=False)
+            key = json.dumps([sample_images(sample), sample.get("conversations")], sort_keys=True, ensure_ascii=False)
             first = first_with_content.setdefault(key, index)
             if first != index:
                 error(index, "duplicate_sample", f"same image(s) and conversation as sample {ids[first]!r} "
                                                  f"(record {first}); expected each sample once")
-    problems = check_images([path for _, _, path in image_uses], workers)
-    for index, rel, path in image_uses:
-        problem = problems[path]
-        if problem == "not found":
-            error(index, "missing_image", f"image {rel!r} not found in {image_folder}; expected an existing file")
-        elif problem:
-            error(index, "corrupt_image", f"image {rel!r} {problem}; expected a complete, readable image")
     if tokenizer is not None:
         bad = result.bad_indices
         valid = [i for i in range(len(samples)) if i not in bad]
-        _check_tokens(samples, valid, ids, tokenizer, template, model_max_length, num_image_tokens, workers, result)
+        _check_tokens(samples, valid, ids, tokenizer, template, model_max_length, num_image_tokens, workers, file,
+                      result)
     result.errors.sort(key=lambda issue: issue.index)
     result.warnings.sort(key=lambda issue: issue.index)
     return result
@@ -219,7 +151,7 @@ def main(argv=None) -> int:
     result = validate_samples(samples, args.image_folder, allow_outside=args.allow_images_outside_folder,
                               workers=args.workers, allow_duplicates=args.allow_duplicates, tokenizer=tokenizer,
                               template=args.version, model_max_length=args.model_max_length,
-                              num_image_tokens=args.num_image_tokens)
+                              num_image_tokens=args.num_image_tokens, file=args.data)
     bad = result.bad_indices
     print(f"{args.data}: {len(samples)} samples, {len(samples) - len(bad)} valid, {len(bad)} with errors, "
           f"{len(result.warnings)} warnings"
@@ -228,6 +160,8 @@ def main(argv=None) -> int:
         print(f"  error   {kind:22s} {count}")
     for kind, count in result.counts(result.warnings).items():
         print(f"  warning {kind:22s} {count}")
+    if result.image_modes:
+        print("  image modes: " + ", ".join(f"{mode} {count}" for mode, count in result.image_modes.items()))
     for issue in (result.errors + result.warnings)[: args.max_listed]:
         print(f"  {args.data}: sample {issue.sample_id!r} (record {issue.index}): {issue.kind}: {issue.message}")
     if result.token_lengths:
@@ -237,7 +171,8 @@ def main(argv=None) -> int:
                  if t["model_max_length"] else ""))
     report = {"data": args.data, "image_folder": args.image_folder, "num_samples": len(samples),
               "num_valid": len(samples) - len(bad), "errors_by_kind": result.counts(result.errors),
-              "warnings_by_kind": result.counts(result.warnings), "token_lengths": result.token_lengths,
+              "warnings_by_kind": result.counts(result.warnings), "image_modes": result.image_modes,
+              "token_lengths": result.token_lengths,
               "errors": [asdict(e) for e in result.errors], "warnings": [asdict(w) for w in result.warnings]}
     if args.write_clean:
         write_samples(args.write_clean, [s for i, s in enumerate(samples) if i not in bad])

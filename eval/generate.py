@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from llava_tiny.data import load_samples, sample_id, sample_images
+from llava_tiny.checks import check_samples
 from llava_tiny.conversation import IMAGE_TOKEN, ConversationError, conversation_turns
-from llava_tiny.images import ASPECT_RATIOS, load_image, resolve_image_path
+from llava_tiny.data import load_samples, sample_id
+from llava_tiny.images import ASPECT_RATIOS, IMAGE_BACKGROUNDS, load_image
 from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
 
 logger = logging.getLogger("eval.generate")
@@ -72,32 +73,30 @@ def _turn_references(sample: dict, sid: str, turns: list[tuple[str, str]]) -> li
                             f"of strings per turn ({len(turns)} turns); found {json.dumps(refs)[:200]}")
 
 
-def expand_questions(samples: list[dict], image_folder: str | None, allow_outside: bool = False) -> list[Question]:
+def expand_questions(samples: list[dict], image_folder: str | None, allow_outside: bool = False,
+                     file: str | None = None) -> list[Question]:
     """Every (sample, turn) as a `Question`, checked before any model work starts.
 
-    Raises `ConversationError` naming the samples whose conversation, markers or references are
-    malformed, whose ids repeat, or whose images are missing.
+    Raises `ConversationError` naming the samples that break a rule of `llava_tiny.checks`
+    (conversation, markers, image paths, images that exist and decode), whose references are
+    malformed, or whose ids repeat.
     """
+    checked = check_samples(samples, file=file, image_folder=image_folder, allow_outside=allow_outside,
+                            images="header")
+    problems = [str(problem) for problem in checked.errors]
+    bad = {problem.index for problem in checked.errors}
     questions: list[Question] = []
-    problems: list[str] = []
     for index, sample in enumerate(samples):
+        if index in bad:
+            continue
         sid = sample_id(sample, index)
+        turns = conversation_turns(sample["conversations"], sid)
         try:
-            turns = conversation_turns(sample.get("conversations"), sid)
             refs = _turn_references(sample, sid, turns)
-            relative = sample_images(sample)
-            markers = sum(q.count(IMAGE_TOKEN) for q, _ in turns)
-            if markers != len(relative):
-                raise ConversationError(f"sample {sid!r}: {len(relative)} image(s) but {markers} {IMAGE_TOKEN} "
-                                        "marker(s); expected one marker per image")
-            paths = [resolve_image_path(rel, image_folder, allow_outside) for rel in relative]
-        except (ConversationError, ValueError) as err:
+        except ConversationError as err:
             problems.append(str(err))
             continue
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            problems.append(f"sample {sid!r}: image file(s) not found: {', '.join(missing)}")
-            continue
+        paths = checked.paths[index]
         extra = {key: sample[key] for key in PASSTHROUGH_FIELDS if key in sample}
         seen_markers = 0
         for turn, (question, _) in enumerate(turns):
@@ -189,7 +188,7 @@ class _Progress:
 def generate_predictions(loaded, samples: list[dict], image_folder: str | None, out_path: str, batch_size: int = 16,
                          max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
                          num_beams: int = 1, conv_mode: str | None = None, image_aspect_ratio: str = "pad",
-                         blank_images: bool = False, allow_images_outside_folder: bool = False,
+                         image_background: str = "white", blank_images: bool = False, allow_images_outside_folder: bool = False,
                          progress: bool | None = None) -> dict[str, int]:
     """Generate a prediction for every question of `samples` not yet in `out_path`, appending lines.
 
@@ -207,7 +206,8 @@ def generate_predictions(loaded, samples: list[dict], image_folder: str | None, 
         logger.info("%s already holds %d of %d questions; generating the other %d", out_path, skipped,
                     len(questions), len(todo))
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  num_beams=num_beams, image_aspect_ratio=image_aspect_ratio)
+                                  num_beams=num_beams, image_aspect_ratio=image_aspect_ratio,
+                                  image_background=image_background)
     if os.path.dirname(out_path):
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
     bar = _Progress(len(questions), skipped, progress)
@@ -250,6 +250,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--conv-mode", "--conv_mode", default=None,
                         help="chat template (default: the one the checkpoint was trained with)")
     parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default="pad")
+    parser.add_argument("--image-background", "--image_background", choices=IMAGE_BACKGROUNDS, default="white",
+                        help="what transparent pixels become: white, or the processor's mean colour (default white)")
     parser.add_argument("--blank-images", action="store_true",
                         help="replace every image by a blank one of the same size (blind control)")
     parser.add_argument("--allow-images-outside-folder", action="store_true")
@@ -267,7 +269,7 @@ def main(argv=None) -> int:
     # Check the data (and what is already done) before spending minutes loading a model.
     try:
         samples = load_samples(args.data)
-        questions = expand_questions(samples, args.image_folder, args.allow_images_outside_folder)
+        questions = expand_questions(samples, args.image_folder, args.allow_images_outside_folder, file=args.data)
         finished = read_finished_ids(args.out)
     except (OSError, ValueError) as err:  # DataFileError and ConversationError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
@@ -280,7 +282,8 @@ def main(argv=None) -> int:
     counts = generate_predictions(
         loaded, samples, args.image_folder, args.out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams, conv_mode=args.conv_mode,
-        image_aspect_ratio=args.image_aspect_ratio, blank_images=args.blank_images,
+        image_aspect_ratio=args.image_aspect_ratio, image_background=args.image_background,
+        blank_images=args.blank_images,
         allow_images_outside_folder=args.allow_images_outside_folder)
     logger.info("%s: %d questions, %d already there, %d generated now", args.out, counts["questions"],
                 counts["skipped"], counts["written"])

@@ -19,6 +19,10 @@ class ConversationError(ValueError):
     """A sample that cannot be turned into a training example; the message names the sample."""
 
 
+class SampleTooLongError(ConversationError):
+    """Not even the first turn fits `model_max_length` (the image placeholders or the answer would be cut)."""
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """How one chat format renders turns.
@@ -135,28 +139,58 @@ class TokenizedConversation:
         return sum(1 for x in self.labels if x != IGNORE_INDEX)
 
 
-def conversation_turns(conversations: list[dict], sample_id=None) -> list[tuple[str, str]]:
-    """Check LLaVA `conversations` (human/gpt alternating, non-empty) and pair them up."""
-    where = f"sample {sample_id!r}"
+ROLES = ("human", "gpt")
+
+
+def turn_problems(conversations) -> list[tuple[str, str]]:
+    """(kind, message) for each way `conversations` breaks LLaVA's turn rules; [] when it keeps them.
+
+    The rules: a non-empty list of {from, value} turns, roles alternating human/gpt from human and
+    ending with gpt, no empty turn, `<image>` only in human turns. The one definition of these
+    rules: training raises on the first (`conversation_turns`), `llava_tiny.checks` lists them all.
+    """
     if not isinstance(conversations, list) or not conversations:
-        raise ConversationError(f"{where}: 'conversations' must be a non-empty list of {{from, value}} turns")
-    if len(conversations) % 2:
-        raise ConversationError(f"{where}: {len(conversations)} turns; expected human/gpt pairs ending with gpt")
-    turns = []
+        return [("bad_conversations", "'conversations' is missing or empty; expected a non-empty list of "
+                                      "{from, value} turns")]
+    problems = []
     for i, turn in enumerate(conversations):
-        expected = "human" if i % 2 == 0 else "gpt"
-        if not isinstance(turn, dict) or turn.get("from") != expected:
-            found = turn.get("from") if isinstance(turn, dict) else type(turn).__name__
-            raise ConversationError(f"{where}: turn {i} is from {found!r}; expected {expected!r}")
+        expected = ROLES[i % 2]
+        if not isinstance(turn, dict):
+            problems.append(("bad_conversations", f"turn {i} is a {type(turn).__name__}; expected an object with "
+                                                  "'from' and 'value'"))
+            continue
+        if turn.get("from") != expected:
+            problems.append(("bad_roles", f"turn {i} is from {turn.get('from')!r}; expected {expected!r} "
+                                          "(roles alternate human/gpt, starting with human)"))
         value = turn.get("value")
+        role = "assistant" if expected == "gpt" else "human"
         if not isinstance(value, str) or not value.strip():
-            role = "assistant" if expected == "gpt" else "human"
-            raise ConversationError(f"{where}: turn {i} ({role}) is empty; expected text")
-        if expected == "gpt" and IMAGE_TOKEN in value:
-            raise ConversationError(f"{where}: turn {i} (assistant) contains {IMAGE_TOKEN}; images belong in human turns")
-    for i in range(0, len(conversations), 2):
-        turns.append((conversations[i]["value"].strip(), conversations[i + 1]["value"].strip()))
-    return turns
+            problems.append(("empty_turn", f"turn {i} ({role}) is empty; expected text"))
+        elif expected == "gpt" and IMAGE_TOKEN in value:
+            problems.append(("image_in_answer", f"turn {i} (assistant) contains {IMAGE_TOKEN}; expected markers "
+                                                "in human turns only"))
+    if len(conversations) % 2:
+        problems.append(("bad_roles", f"{len(conversations)} turns end with a human turn; expected human/gpt pairs "
+                                      "ending with a gpt answer"))
+    return problems
+
+
+def marker_problem(num_markers: int, num_images: int) -> str | None:
+    """What is wrong when `num_markers` `<image>` markers meet `num_images` images: one marker per image."""
+    if num_markers == num_images:
+        return None
+    if num_markers < num_images:
+        return f"{num_images} image(s) but {num_markers} {IMAGE_TOKEN} marker(s); expected one marker per image"
+    return f"{num_markers} {IMAGE_TOKEN} marker(s) but {num_images} image(s); expected one image per marker"
+
+
+def conversation_turns(conversations: list[dict], sample_id=None) -> list[tuple[str, str]]:
+    """Check LLaVA `conversations` (`turn_problems`) and pair them up as (human, gpt) texts."""
+    problems = turn_problems(conversations)
+    if problems:
+        raise ConversationError(f"sample {sample_id!r}: {problems[0][1]}")
+    return [(conversations[i]["value"].strip(), conversations[i + 1]["value"].strip())
+            for i in range(0, len(conversations), 2)]
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -228,18 +262,15 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
         raise ConversationError(f"sample {sample_id!r}: template {template.name!r} takes one (image, caption) turn; "
                                 f"found {len(turns)} turns")
     markers = sum(user.count(IMAGE_TOKEN) for user, _ in turns)
-    if num_images is not None and markers != num_images:
-        if markers < num_images:
-            what = f"{num_images} image(s) but {markers} {IMAGE_TOKEN} marker(s); add a marker per image"
-        else:
-            what = f"{markers} {IMAGE_TOKEN} marker(s) but {num_images} image(s)"
-        raise ConversationError(f"sample {sample_id!r}: {what}")
+    mismatch = marker_problem(markers, num_images) if num_images is not None else None
+    if mismatch:
+        raise ConversationError(f"sample {sample_id!r}: {mismatch}")
     input_ids, labels, turn_ends = _encode_turns(turns, tokenizer, template, num_image_tokens)
     dropped = 0
     if model_max_length is not None and len(input_ids) > model_max_length:
         fitting = [end for end in turn_ends if end <= model_max_length]
         if not fitting:
-            raise ConversationError(
+            raise SampleTooLongError(
                 f"sample {sample_id!r}: the first turn needs {turn_ends[0]} tokens "
                 f"({markers * num_image_tokens} of them image placeholders) but model_max_length is "
                 f"{model_max_length}; it cannot be shortened without cutting the image or the answer")

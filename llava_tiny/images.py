@@ -6,6 +6,7 @@ import os
 from PIL import Image
 
 ASPECT_RATIOS = ("pad", "square", "resize")
+IMAGE_BACKGROUNDS = ("white", "mean")  # what transparent pixels become (`--image_background`)
 
 
 class ImagePathError(ValueError):
@@ -24,11 +25,46 @@ def resolve_image_path(relative: str, image_folder: str | None, allow_outside: b
     return path
 
 
+def has_alpha(image: Image.Image) -> bool:
+    """True when the image can hold transparent pixels: an alpha channel, or a transparent palette/colour entry."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
 def load_image(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB (a truncated file fails here, not later)."""
+    """Open and fully decode an image (a truncated file fails here, not later).
+
+    The result is RGB, or RGBA when the file has transparency: `preprocess_images` composites it onto
+    the chosen background, so every user of an image (training, generation, the CLI, the server)
+    gets the same pixels.
+    """
     with Image.open(path) as img:
         img.load()
-        return img.convert("RGB")
+        return img.convert("RGBA" if has_alpha(img) else "RGB")
+
+
+def background_colour(background: str, image_processor) -> tuple[int, int, int]:
+    """The RGB colour under transparent pixels: `white`, or `mean` (the processor's mean colour, ~0 after
+    normalisation, the colour `--image_aspect_ratio pad` pads with)."""
+    if background == "white":
+        return (255, 255, 255)
+    if background == "mean":
+        return tuple(int(round(x * 255)) for x in image_processor.image_mean)
+    raise ValueError(f"image background {background!r}; expected one of {IMAGE_BACKGROUNDS}")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """The one place an image becomes RGB: transparent pixels are composited onto `background`.
+
+    A plain `convert("RGB")` would show whatever colour the file stores under its transparent pixels
+    (often black or leftover garbage around a cut-out object).
+    """
+    if image.mode == "RGB":
+        return image
+    if not has_alpha(image):
+        return image.convert("RGB")
+    canvas = Image.new("RGBA", image.size, (*background, 255))
+    canvas.alpha_composite(image.convert("RGBA"))
+    return canvas.convert("RGB")
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -50,15 +86,19 @@ def _target_size(image_processor) -> tuple[int, int]:
     return side, side
 
 
-def preprocess_images(images: list[Image.Image], image_processor, aspect_ratio: str = "pad"):
+def preprocess_images(images: list[Image.Image], image_processor, aspect_ratio: str = "pad",
+                      background: str = "white"):
     """`pixel_values` for the vision tower.
 
+    Transparent pixels are first composited onto `background` (`white` or `mean`, see `to_rgb`).
     `pad`: pad to square with the processor's mean colour, then resize (LLaVA-1.5);
     `square`: resize to the tower's square size, ignoring the aspect ratio;
     `resize`: the processor's own resize + centre crop.
     """
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio {aspect_ratio!r}; expected one of {ASPECT_RATIOS}")
+    colour = background_colour(background, image_processor)
+    images = [to_rgb(img, colour) for img in images]
     if aspect_ratio == "pad":
         mean = tuple(int(x * 255) for x in image_processor.image_mean)
         images = [expand_to_square(img, mean) for img in images]

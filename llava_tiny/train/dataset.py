@@ -1,22 +1,22 @@
 """LLaVA JSON data -> training examples (lazy), and the collator that batches them.
 
-Images are checked before training starts (existence and header, in parallel), so a missing or
-corrupt file stops the run in seconds with the list of samples, not hours later.
+Samples are checked before training starts (`llava_tiny.checks`: the record's rules, image existence
+and header in parallel, the length), so a bad sample stops the run in seconds with the list of
+samples, not hours later.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from ..conversation import IGNORE_INDEX, ConversationError, tokenize_conversation
+from ..checks import check_length, check_samples
+from ..conversation import IGNORE_INDEX, tokenize_conversation
 from ..data import load_samples, sample_id, sample_images  # noqa: F401 (re-exported)
-from ..images import ImagePathError, load_image, preprocess_images, resolve_image_path
+from ..images import load_image, preprocess_images, resolve_image_path
 
 logger = logging.getLogger(__name__)
 
@@ -29,61 +29,13 @@ class ImageDecodeError(RuntimeError):
     """An image that passed the pre-training check but fails to decode when used; names the sample and path."""
 
 
-def _image_problem(path: str) -> str | None:
-    """Quick check: the file exists and its header parses (a full decode happens when used).
-
-    `verify()` reads a PNG to its end (chunk CRCs) but not a JPEG's scan data, so a JPEG cut short by
-    an interrupted download would pass it: JPEGs are decoded at 1/8 scale instead (cheap, reads every byte).
-    """
-    if not os.path.isfile(path):
-        return "missing"
-    try:
-        with Image.open(path) as img:
-            if img.format == "JPEG":
-                img.draft("RGB", (1, 1))
-                img.load()
-            else:
-                img.verify()
-    except Exception as err:  # PIL raises many types for bad files
-        return f"corrupt ({type(err).__name__}: {err})"
-    return None
-
-
-def check_samples(samples: list[dict], image_folder: str | None, allow_outside: bool = False,
-                  workers: int = 8) -> dict[str, str]:
-    """Map sample id -> problem for samples with a bad structure or a missing/corrupt image."""
-    problems: dict[str, str] = {}
-    paths: list[tuple[str, str, str]] = []
-    for i, sample in enumerate(samples):
-        sid = sample_id(sample, i)
-        if not isinstance(sample.get("conversations"), list):
-            problems[sid] = "no 'conversations' list"
-            continue
-        images = sample_images(sample)
-        if not all(isinstance(rel, str) and rel for rel in images):
-            problems[sid] = f"'image' is {sample.get('image')!r}; expected a path or a list of paths"
-            continue
-        for rel in images:
-            try:
-                paths.append((sid, rel, resolve_image_path(rel, image_folder, allow_outside)))
-            except ImagePathError as err:
-                problems[sid] = str(err)
-            except ValueError as err:  # e.g. a NUL byte in the path
-                problems[sid] = f"image {rel!r}: {err}"
-    with ThreadPoolExecutor(workers) as pool:
-        for (sid, rel, _), problem in zip(paths, pool.map(lambda p: _image_problem(p[2]), paths)):
-            if problem:
-                problems.setdefault(sid, f"image {rel!r} {problem}")
-    return problems
-
-
 class LazySupervisedDataset(Dataset):
     """Tokenizes and loads images per item; `<image>` expands to the tower's exact token count."""
 
     def __init__(self, data_path: str, tokenizer, image_processor, template: str, num_image_tokens: int,
                  image_folder: str | None = None, image_aspect_ratio: str = "pad", model_max_length: int = 2048,
                  skip_bad_samples: bool = False, allow_images_outside_folder: bool = False,
-                 max_bad_sample_fraction: float = 0.01, report_dir: str | None = None):
+                 max_bad_sample_fraction: float = 0.01, report_dir: str | None = None, image_background: str = "white"):
         self.data_path = data_path
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -91,6 +43,7 @@ class LazySupervisedDataset(Dataset):
         self.num_image_tokens = num_image_tokens
         self.image_folder = image_folder
         self.image_aspect_ratio = image_aspect_ratio
+        self.image_background = image_background
         self.model_max_length = model_max_length
         self.allow_outside = allow_images_outside_folder
         self.skip_bad_samples = skip_bad_samples
@@ -98,7 +51,10 @@ class LazySupervisedDataset(Dataset):
         self.report_dir = report_dir
         samples = load_samples(data_path)
         self.num_records = len(samples)
-        problems = check_samples(samples, image_folder, allow_images_outside_folder)
+        # The quick image check (headers; JPEGs at 1/8 scale): a full decode happens when an item is used.
+        checked = check_samples(samples, file=data_path, image_folder=image_folder,
+                                allow_outside=allow_images_outside_folder, images="header")
+        problems = checked.first_error_by_sample()
         problems.update(self._unfit_samples(samples, problems))
         if problems:
             listing = "\n".join(f"  {sid}: {why}" for sid, why in list(problems.items())[:20])
@@ -138,18 +94,15 @@ class LazySupervisedDataset(Dataset):
                                   f"than {self.max_bad_sample_fraction:.1%}; stopping. Found during training:\n{listing}")
 
     def _unfit_samples(self, samples, known) -> dict[str, str]:
-        """Samples whose conversation is malformed or cannot fit (labels would be all -100)."""
+        """Samples that tokenizing refuses or that cannot fit model_max_length (labels would be all -100)."""
         unfit = {}
         for i, sample in enumerate(samples):
             sid = sample_id(sample, i)
-            if sid in known:
-                continue
-            try:
-                tokenize_conversation(sample["conversations"], self.tokenizer, self.template, self.num_image_tokens,
-                                      num_images=len(sample_images(sample)), model_max_length=self.model_max_length,
-                                      sample_id=sid)
-            except ConversationError as err:
-                unfit[sid] = str(err)
+            if sid not in known:
+                checked = check_length(sample, sid, self.tokenizer, self.template, self.num_image_tokens,
+                                       self.model_max_length)
+                if checked.problem:
+                    unfit[sid] = checked.problem[1]
         return unfit
 
     def __len__(self) -> int:
@@ -198,7 +151,8 @@ class LazySupervisedDataset(Dataset):
                     images.append(load_image(path))
                 except Exception as err:
                     raise ImageDecodeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
-            item["pixel_values"] = preprocess_images(images, self.image_processor, self.image_aspect_ratio)
+            item["pixel_values"] = preprocess_images(images, self.image_processor, self.image_aspect_ratio,
+                                                     self.image_background)
         return item
 
 

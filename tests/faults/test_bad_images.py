@@ -6,7 +6,8 @@ import pytest
 
 from faultlib import (color_samples, one_thread, train_argv, train_in_process, trainer_state,
                       write_png_that_fails_full_decode, write_samples, write_truncated_jpeg)
-from llava_tiny.train.dataset import BadSamplesError, ImageDecodeError, _image_problem
+from llava_tiny.checks import inspect_image
+from llava_tiny.train.dataset import BadSamplesError, ImageDecodeError
 from llava_tiny.train.trainer import LlavaTrainer
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -57,7 +58,7 @@ def data_with_undecodable_image(tmp_path):
     samples.insert(2, {"id": "garbled-png", "image": "images/garbled.png", "conversations": QUESTION})
     data = write_samples(tmp_path, samples)
     # The fault this file injects: it passes the pre-training check, so it can only fail mid-run.
-    assert _image_problem(str(tmp_path / "images" / "garbled.png")) is None
+    assert inspect_image(str(tmp_path / "images" / "garbled.png"), full=False).problem is None
     return data
 
 

@@ -1,0 +1,248 @@
+"""The rules a LLaVA sample must meet, as lists of problems: one definition for every user.
+
+Training raises on them (`train.dataset.LazySupervisedDataset`), `data_tools.validate` reports them
+all, `eval.generate`, `inference.build_prompt` and the server reuse them. The conversation rules
+live with the code that tokenizes (`conversation.turn_problems`, `conversation.marker_problem`,
+`conversation.SampleTooLongError`); this module applies them to records and adds the image rules:
+
+    conversation shape and turns   turn_problems          bad_conversations, bad_roles, empty_turn, image_in_answer
+    `image` field                  record_problems        bad_image_field
+    one `<image>` marker per image record_problems        image_marker_mismatch
+    image path inside the folder   image_path_problems    image_outside_folder (warning: absolute_image_path)
+    image exists and decodes       inspect_image          missing_image, corrupt_image (warning: transparent_image)
+    fits model_max_length          check_length           too_long (warning: truncated, in data_tools.validate)
+"""
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from .conversation import (IMAGE_TOKEN, ConversationError, SampleTooLongError, marker_problem, tokenize_conversation,
+                           turn_problems)
+from .data import sample_id, sample_images
+from .images import ImagePathError, has_alpha, resolve_image_path
+
+WARNING_KINDS = ("absolute_image_path", "transparent_image", "truncated")
+IMAGE_CHECKS = (None, "header", "full")
+MISSING_HINT_LIMIT = 20  # missing images that get a "found at ..." search: they usually share one cause
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One broken rule of one record: `message` says what is wrong and what was expected."""
+
+    index: int  # record position in the file
+    sample_id: str
+    kind: str
+    message: str
+    file: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file + ': ' if self.file else ''}sample {self.sample_id!r}: {self.message}"
+
+    @property
+    def is_warning(self) -> bool:
+        return self.kind in WARNING_KINDS
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    """What opening an image file found: a problem (kind, message) or its mode, size and transparency."""
+
+    problem: tuple[str, str] | None = None
+    mode: str | None = None
+    size: tuple[int, int] | None = None
+    transparent: bool | None = None  # None: not decoded far enough to tell
+
+
+def without_sample_name(message: str, sid: str) -> str:
+    """A `ConversationError` message without its "sample 'id': " prefix (reports name the sample already)."""
+    prefix = f"sample {sid!r}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def record_problems(sample: dict) -> list[tuple[str, str]]:
+    """(kind, message) for the record alone, no file access: turns, the `image` field, markers vs images."""
+    conversations = sample.get("conversations")
+    problems = turn_problems(conversations)
+    images = sample_images(sample)
+    if any(not isinstance(p, str) or not p.strip() for p in images):
+        problems.append(("bad_image_field", f"'image' is {sample.get('image')!r}; expected a relative path or a "
+                                            "list of them"))
+    elif isinstance(conversations, list):
+        # Markers count in human turns only; one in an answer is already `image_in_answer`.
+        markers = sum(t["value"].count(IMAGE_TOKEN) for t in conversations[::2]
+                      if isinstance(t, dict) and isinstance(t.get("value"), str))
+        mismatch = marker_problem(markers, len(images))
+        if mismatch:
+            problems.append(("image_marker_mismatch", mismatch))
+    return problems
+
+
+def image_path_problems(relative: str, image_folder: str | None,
+                        allow_outside: bool = False) -> tuple[str | None, list[tuple[str, str]]]:
+    """(resolved path or None, problems) of one image path; absolute paths are portable only by luck."""
+    problems = []
+    if os.path.isabs(relative):
+        problems.append(("absolute_image_path", f"image {relative!r} is absolute; expected a path relative to the "
+                                                "image folder (the data breaks when the folder moves)"))
+    try:
+        return resolve_image_path(relative, image_folder, allow_outside), problems
+    except ImagePathError as err:
+        problems.append(("image_outside_folder", str(err)))
+    except ValueError as err:  # e.g. a NUL byte in the path
+        problems.append(("bad_image_field", f"image {relative!r}: {err}; expected a file path"))
+    return None, problems
+
+
+def _transparent(img: Image.Image) -> bool:
+    """Whether any pixel is (partly) transparent: an opaque RGBA screenshot is not."""
+    return has_alpha(img) and img.convert("RGBA").getchannel("A").getextrema()[0] < 255
+
+
+def inspect_image(path: str, full: bool = True) -> ImageFacts:
+    """Open `path`: a missing or corrupt file gives a problem, a good one its mode, size and transparency.
+
+    `full` decodes every pixel (and tells transparency). Otherwise a quick check for training's start:
+    `verify()` reads a PNG to its end (chunk CRCs) but not a JPEG's scan data, so JPEGs are decoded at
+    1/8 scale instead (cheap, reads every byte, catches a download cut short).
+    """
+    if not os.path.isfile(path):
+        what = "is not a file" if os.path.exists(path) else "not found"
+        return ImageFacts(("missing_image", f"missing ({what}: {path}); expected an existing image file"))
+    try:
+        with Image.open(path) as img:
+            mode, size = img.mode, img.size
+            if full:
+                img.verify()
+            elif img.format == "JPEG":
+                img.draft("RGB", (1, 1))
+                img.load()
+            else:
+                img.verify()
+        if not full:
+            return ImageFacts(mode=mode, size=size)
+        with Image.open(path) as img:
+            img.load()
+            return ImageFacts(mode=mode, size=size, transparent=_transparent(img))
+    except Exception as err:  # Pillow raises many exception types for broken files
+        return ImageFacts(("corrupt_image", f"corrupt ({type(err).__name__}: {err}); expected a complete, "
+                                            "readable image"))
+
+
+def missing_image_hint(relative: str, image_folder: str | None) -> str:
+    """"; found at images/x.png: did you forget --image-prefix images?" when the file sits one or two folders
+    down (or the path carries one folder too many); "" when it is nowhere near."""
+    if not image_folder or os.path.isabs(relative):
+        return ""
+    for depth in ("*", os.path.join("*", "*")):
+        for found in sorted(glob.glob(os.path.join(glob.escape(image_folder), depth, glob.escape(relative))))[:1]:
+            prefix = os.path.relpath(found, image_folder)[: -len(relative) - 1]
+            return f"; found at {os.path.relpath(found, image_folder)}: did you forget --image-prefix {prefix}?"
+    parts = relative.replace("\\", "/").split("/")
+    if len(parts) > 1 and os.path.isfile(os.path.join(image_folder, *parts[1:])):
+        return f"; found at {'/'.join(parts[1:])}: the paths carry one folder too many ({parts[0]}/)"
+    return ""
+
+
+@dataclass
+class SampleChecks:
+    """What `check_samples` found: problems (errors and warnings), each sample's resolved image paths, and
+    the facts of each distinct image file checked."""
+
+    problems: list[Problem] = field(default_factory=list)
+    paths: dict[int, list[str]] = field(default_factory=dict)  # record index -> resolved image paths
+    images: dict[str, ImageFacts] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if not p.is_warning]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.is_warning]
+
+    def first_error_by_sample(self) -> dict[str, str]:
+        """Sample id -> the message of its first error (what training lists and skips)."""
+        found: dict[str, str] = {}
+        for problem in self.errors:
+            found.setdefault(problem.sample_id, problem.message)
+        return found
+
+
+def check_samples(samples: list[dict], *, file: str | None = None, image_folder: str | None = None,
+                  allow_outside: bool = False, images: str | None = "full", workers: int | None = None) -> SampleChecks:
+    """Every rule except the length one, for every record; image files are opened in parallel threads.
+
+    `images`: None (no file access), "header" (quick check, see `inspect_image`) or "full" (decode).
+    """
+    if images not in IMAGE_CHECKS:
+        raise ValueError(f"images={images!r}; expected one of {IMAGE_CHECKS}")
+    result = SampleChecks()
+    uses: list[tuple[int, str, str]] = []  # (index, relative path, resolved path)
+    for index, sample in enumerate(samples):
+        sid = sample_id(sample, index)
+        found = record_problems(sample)
+        if not any(kind == "bad_image_field" for kind, _ in found):
+            resolved = []
+            for rel in sample_images(sample):
+                path, path_problems = image_path_problems(rel, image_folder, allow_outside)
+                found += path_problems
+                if path is not None:
+                    resolved.append(path)
+                    uses.append((index, rel, path))
+            result.paths[index] = resolved
+        result.problems += [Problem(index, sid, kind, message, file) for kind, message in found]
+    if images is not None:
+        distinct = list(dict.fromkeys(path for _, _, path in uses))
+        with ThreadPoolExecutor(workers or min(32, 2 * (os.cpu_count() or 1))) as pool:
+            result.images = dict(zip(distinct, pool.map(lambda p: inspect_image(p, images == "full"), distinct)))
+        hints = 0
+        for index, rel, path in uses:
+            facts = result.images[path]
+            sid = sample_id(samples[index], index)
+            if facts.problem:
+                kind, message = facts.problem
+                if kind == "missing_image" and hints < MISSING_HINT_LIMIT:
+                    hints += 1
+                    message += missing_image_hint(rel, image_folder)
+                result.problems.append(Problem(index, sid, kind, f"image {rel!r} {message}", file))
+            elif facts.transparent:
+                result.problems.append(Problem(
+                    index, sid, "transparent_image", f"image {rel!r} has transparent pixels (mode {facts.mode}); "
+                    "they are composited onto white (--image_background mean: the processor's mean colour)", file))
+    result.problems.sort(key=lambda p: p.index)
+    return result
+
+
+@dataclass(frozen=True)
+class LengthCheck:
+    """Token length of a sample as training sees it, and what `model_max_length` does to it."""
+
+    length: int | None  # tokens before truncation; None when the conversation cannot be tokenized
+    dropped_turns: int = 0  # trailing turns truncation drops
+    problem: tuple[str, str] | None = None  # ("bad_conversations" | "too_long", message)
+
+
+def check_length(sample: dict, sid: str, tokenizer, template: str, num_image_tokens: int,
+                 model_max_length: int | None = None) -> LengthCheck:
+    """Tokenize as training does: a sample whose first answer cannot fit is `too_long`."""
+    conversations, num_images = sample.get("conversations"), len(sample_images(sample))
+    try:
+        full = tokenize_conversation(conversations, tokenizer, template, num_image_tokens, num_images=num_images,
+                                     sample_id=sid)
+    except ConversationError as err:
+        return LengthCheck(None, problem=("bad_conversations", without_sample_name(str(err), sid)))
+    length = len(full.input_ids)
+    if model_max_length is None or length <= model_max_length:
+        return LengthCheck(length)
+    try:
+        fitted = tokenize_conversation(conversations, tokenizer, template, num_image_tokens, num_images=num_images,
+                                       model_max_length=model_max_length, sample_id=sid)
+    except SampleTooLongError as err:
+        return LengthCheck(length, problem=("too_long", without_sample_name(str(err), sid)))
+    return LengthCheck(length, fitted.dropped_turns)
