@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .conversation import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_prompt
+from .conversation import IMAGE_TOKEN, get_template, marker_problem, stop_token_ids, tokenize_prompt
 from .images import preprocess_images
 
 
@@ -35,6 +35,7 @@ class GenerationSettings:
     top_p: float | None = None
     num_beams: int = 1
     image_aspect_ratio: str = "pad"
+    image_background: str = "white"  # what transparent pixels become: "white" or "mean" (`images.to_rgb`)
 
 
 def base_model(model):
@@ -55,9 +56,9 @@ def build_prompt(loaded, question: str, images: list[Image.Image] = (), history:
     "Image features and image tokens do not match".
     """
     markers = question.count(IMAGE_TOKEN) + sum(q.count(IMAGE_TOKEN) for q, _ in history)
-    if markers != len(images):
-        raise ValueError(f"prompt has {markers} {IMAGE_TOKEN} marker(s) but {len(images)} image(s) were given; "
-                         f"expected one marker per image")
+    mismatch = marker_problem(markers, len(images))
+    if mismatch:
+        raise ValueError(f"prompt: {mismatch}")
     num_image_tokens = base_model(loaded.model).config.image_seq_length
     ids = tokenize_prompt(question, loaded.tokenizer, template_name(loaded, conv_mode), num_image_tokens,
                           history=list(history))
@@ -120,7 +121,8 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
               "position_ids": position_ids.to(device)}
     images = [image for p in prompts for image in p.images]
     if images:
-        pixels = preprocess_images(images, loaded.image_processor, settings.image_aspect_ratio)
+        pixels = preprocess_images(images, loaded.image_processor, settings.image_aspect_ratio,
+                                   settings.image_background)
         inputs["pixel_values"] = pixels.to(device=device, dtype=dtype)
     template = template_name(loaded, conv_mode)
     stop_ids = stop_token_ids(loaded.tokenizer, template)
