@@ -28,6 +28,10 @@ setup(
         "eval": ["pycocoevalcap"],
         "flash": ["flash-attn"],
         "wandb": ["wandb"],
-        "dev": ["pytest", "hypothesis", "pytest-timeout"],
+        # The OpenAI-compatible API and the web chat (llava_tiny.serve); `openai` is the web chat's
+        # client for --api-url.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "gradio>=5", "openai>=1.0", "httpx"],
+        # selenium drives the system Chromium in the web chat test (no browser download here).
+        "dev": ["pytest", "hypothesis", "pytest-timeout", "selenium"],
     },
 )

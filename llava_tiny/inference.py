@@ -104,6 +104,19 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
     Image and text-only prompts can share a batch: `pixel_values` holds the images of all prompts
     in prompt order, and LLaVA fills the placeholders in that same order.
     """
+    stops = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
+    return [loaded.tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True).strip()
+            for row in generate_ids(loaded, prompts, settings, conv_mode)]
+
+
+@torch.inference_mode()
+def generate_ids(loaded, prompts: list[Prompt], settings: GenerationSettings | None = None,
+                 conv_mode: str | None = None, **generate_kwargs) -> list[list[int]]:
+    """The new token ids of each prompt (stop and padding tokens included) from one left-padded `generate` call.
+
+    `generate_kwargs` (a streamer, stopping criteria) go to `model.generate`: the serving engine
+    streams and stops rows early through them.
+    """
     settings = settings or GenerationSettings()
     if not prompts:
         return []
@@ -135,11 +148,8 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
     else:  # stop a saved generation_config's sampling defaults from producing warnings
         decoding.update(temperature=None, top_p=None, top_k=None)
     output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids,
-                            pad_token_id=pad_id, use_cache=True, **decoding)
-    new_tokens = output[:, input_ids.shape[1]:].tolist()
-    stops = set(stop_ids)
-    return [loaded.tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True).strip()
-            for row in new_tokens]
+                            pad_token_id=pad_id, use_cache=True, **decoding, **generate_kwargs)
+    return output[:, input_ids.shape[1]:].tolist()
 
 
 def probe_inputs(loaded, question: str = "<image>\nDescribe the image in detail.") -> dict[str, torch.Tensor]:

@@ -1,0 +1,240 @@
+"""OpenAI chat-completion requests as this project's prompts: the messages become the (question,
+answer) turns, images and template prompt that training used; every bad input is an `ApiError`
+with OpenAI's error shape and a 4xx status.
+
+A user message's images go before its text, one `<image>` marker each (LLaVA's training data puts
+the image first); `<image>` typed by a client is removed, since markers are ours to place. A
+system message replaces the template's own system sentence, or leads the first question when the
+template has none. Images come only as base64 data URLs: the server never fetches a URL.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import re
+from dataclasses import dataclass
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..conversation import IMAGE_TOKEN, ChatTemplate, get_template, tokenize_prompt
+from ..images import load_image
+from ..inference import Prompt, build_prompt, template_name
+from ..model.modeling import unwrap_model
+from .engine import Sampling
+
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
+
+
+class ApiError(Exception):
+    """A request the server refuses: `status`, and OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ChatRequest(BaseModel):
+    """The fields of OpenAI's chat-completion request that change the answer; others are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[dict] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict | None = None
+    n: int = Field(default=1, ge=1, le=1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (the server's --max-* flags)."""
+
+    max_image_pixels: int = 4096 * 4096
+    max_images: int = 8
+    max_new_tokens_limit: int = 1024
+    default_max_tokens: int = 256
+
+
+def context_length(loaded) -> int:
+    """Positions the language model holds: its config, or the tokenizer's limit when smaller."""
+    text = unwrap_model(loaded.model).config.text_config
+    limit = getattr(text, "max_position_embeddings", None) or 2048
+    tokenizer_limit = getattr(loaded.tokenizer, "model_max_length", None)
+    if tokenizer_limit and tokenizer_limit < 1_000_000:  # transformers' "no limit" is 1e30
+        limit = min(limit, tokenizer_limit)
+    return limit
+
+
+def decode_image(url: str, param: str, max_pixels: int) -> Image.Image:
+    """A PNG/JPEG/WebP image from a base64 data URL; the size is checked before any pixel is decoded."""
+    if not isinstance(url, str):
+        raise ApiError(400, "image_url.url must be a string", "invalid_image_url", param)
+    if re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", url):
+        raise ApiError(400, "image URLs are not fetched by this server; send the image inline as a data URL "
+                            "(data:image/png;base64,...)", "image_url_not_allowed", param)
+    match = _DATA_URL.fullmatch(url)
+    if match is None:
+        raise ApiError(400, "image_url.url is not a base64 data URL; expected data:image/png;base64,... "
+                            "(PNG, JPEG or WebP)", "invalid_image_url", param)
+    try:
+        data = base64.b64decode(match["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "the data URL's base64 payload does not decode", "invalid_image_url", param) from None
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # reads the header only
+            found, size = img.format, img.size
+    except Image.DecompressionBombError:
+        raise ApiError(400, f"the image is larger than {max_pixels} pixels", "image_too_large", param) from None
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for bytes that are not an image
+        raise ApiError(400, "the data URL does not hold a readable image (PNG, JPEG or WebP expected)",
+                       "invalid_image", param) from None
+    if found not in IMAGE_FORMATS:
+        raise ApiError(400, f"image format {found}; expected one of PNG, JPEG, WebP", "invalid_image", param)
+    if size[0] * size[1] > max_pixels:
+        raise ApiError(400, f"the image is {size[0]}x{size[1]} = {size[0] * size[1]} pixels; the server takes "
+                            f"at most {max_pixels} (--max-image-pixels)", "image_too_large", param)
+    try:
+        return load_image(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - a truncated or corrupt file fails on decoding
+        raise ApiError(400, "the image does not decode (truncated or corrupt)", "invalid_image", param) from None
+
+
+@dataclass
+class Conversation:
+    """Messages as turns: an optional system text, earlier (question, answer) pairs, the question."""
+
+    system: str | None
+    history: list[tuple[str, str]]
+    question: str
+    images: list[Image.Image]
+
+
+def _parts(message: dict, where: str) -> list[dict]:
+    content = message.get("content")
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or a list of content parts", "invalid_content",
+                       f"{where}.content")
+    return content
+
+
+def _message_text(message: dict, where: str, images: list | None, limits: Limits) -> str:
+    """The message's text; its image parts are decoded into `images` (None: images not allowed here)."""
+    texts, found = [], []
+    for k, part in enumerate(_parts(message, where)):
+        param = f"{where}.content[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"].replace(IMAGE_TOKEN, ""))
+        elif kind == "image_url" and images is not None:
+            image_url = part.get("image_url")
+            url = image_url.get("url") if isinstance(image_url, dict) else image_url
+            if len(images) + len(found) >= limits.max_images:
+                raise ApiError(400, f"more than {limits.max_images} images in one request (--max-images)",
+                               "too_many_images", param)
+            found.append(decode_image(url, f"{param}.image_url.url", limits.max_image_pixels))
+        elif kind == "image_url":
+            raise ApiError(400, f"{where} ({message.get('role')}) cannot hold images; images go in user messages",
+                           "invalid_content", param)
+        else:
+            raise ApiError(400, f"content part type {kind!r}; expected 'text' or 'image_url'", "invalid_content",
+                           param)
+    if images is not None:
+        images.extend(found)
+    return "".join(f"{IMAGE_TOKEN}\n" for _ in found) + "\n".join(t.strip() for t in texts if t.strip())
+
+
+def parse_messages(messages: list[dict], limits: Limits) -> Conversation:
+    """System messages first, then user/assistant turns (consecutive ones of a role are joined),
+    ending with a user message."""
+    system, turns, images = [], [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role in ("system", "developer"):
+            if turns:
+                raise ApiError(400, f"{where}: a system message after the conversation started; expected system "
+                                    "messages first", "invalid_messages", f"{where}.role")
+            system.append(_message_text(message, where, None, limits))
+        elif role in ("user", "assistant"):
+            text = _message_text(message, where, images if role == "user" else None, limits)
+            if turns and turns[-1][0] == role:
+                turns[-1] = (role, turns[-1][1] + "\n" + text)
+            else:
+                turns.append((role, text))
+        else:
+            raise ApiError(400, f"{where}: role {role!r}; expected 'system', 'user' or 'assistant'",
+                           "invalid_messages", f"{where}.role")
+    if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
+        raise ApiError(400, "the conversation must start and end with a user message", "invalid_messages", "messages")
+    if not turns[-1][1].strip():
+        raise ApiError(400, "the last user message is empty; expected a question or an image", "invalid_messages",
+                       "messages")
+    history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
+    return Conversation("\n".join(system).strip() or None, history, turns[-1][1], images)
+
+
+def with_system(template: ChatTemplate, system: str) -> ChatTemplate:
+    """`template` with its system sentence replaced by `system` (its markup kept)."""
+    default = max(re.split(r"<[^>]*>|\n", template.system), key=len).strip()
+    return dataclasses.replace(template, system=template.system.replace(default, system))
+
+
+def prompt_for(loaded, conversation: Conversation, conv_mode: str | None = None) -> Prompt:
+    """The prompt ids as training renders them (`build_prompt` / `tokenize_prompt`)."""
+    history, question = conversation.history, conversation.question
+    if conversation.system is None:
+        return build_prompt(loaded, question, conversation.images, history, conv_mode)
+    template = get_template(template_name(loaded, conv_mode))
+    if template.system.strip():
+        template = with_system(template, conversation.system)
+    elif history:
+        history = [(f"{conversation.system}\n\n{history[0][0]}", history[0][1]), *history[1:]]
+    else:
+        question = f"{conversation.system}\n\n{question}"
+    ids = tokenize_prompt(question, loaded.tokenizer, template, unwrap_model(loaded.model).config.image_seq_length,
+                          history=history)
+    return Prompt(input_ids=ids, images=list(conversation.images))
+
+
+def prepare(loaded, request: ChatRequest, limits: Limits, conv_mode: str | None = None) -> tuple[Prompt, Sampling]:
+    """Check a request against the model and the limits; the prompt and how to decode it."""
+    conversation = parse_messages(request.messages, limits)
+    per_image = unwrap_model(loaded.model).config.image_seq_length
+    context = context_length(loaded)
+    if len(conversation.images) * per_image >= context:
+        raise ApiError(400, f"{len(conversation.images)} images need {len(conversation.images) * per_image} tokens; "
+                            f"the model holds {context}", "too_many_images", "messages")
+    try:
+        prompt = prompt_for(loaded, conversation, conv_mode)
+    except ValueError as error:  # the prompt checks of build_prompt
+        raise ApiError(400, str(error), "invalid_messages", "messages") from None
+    asked = request.max_completion_tokens or request.max_tokens
+    param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    if asked is not None and asked > limits.max_new_tokens_limit:
+        raise ApiError(400, f"{param} is {asked}; this server allows at most {limits.max_new_tokens_limit} "
+                            "(--max-new-tokens-limit)", "max_tokens_too_large", param)
+    room = context - len(prompt.input_ids)
+    max_tokens = asked or min(limits.default_max_tokens, limits.max_new_tokens_limit, room)
+    if room < 1 or max_tokens > room:
+        raise ApiError(400, f"the prompt is {len(prompt.input_ids)} tokens and {max_tokens} new tokens were asked "
+                            f"for; the model holds {context}", "context_length_exceeded", "messages")
+    stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
+    if len(stop) > 4 or not all(stop):
+        raise ApiError(400, "stop takes up to 4 non-empty strings", "invalid_stop", "stop")
+    return prompt, Sampling(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
+                            stop=stop, seed=request.seed)
