@@ -2,25 +2,71 @@
 evaluation reads (`references`, `answer_type`, `question_type`, `source`)."""
 from __future__ import annotations
 
+import json
+from collections import defaultdict
+
 from .io import DataToolError
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 ANSWER_TYPES = {"closed": "closed", "open": "open", "yes/no": "closed", "number": "open", "other": "open"}
+ANSWER_TYPE_CHOICES = ("auto", "closed", "open")  # --answer-type
+# The closed-set rule: a question asked at least this often, whose distinct answers number at most
+# CLOSED_SET_MAX_ANSWERS and at most half the times it is asked, is a choice among fixed answers.
+CLOSED_SET_MIN_ASKED = 4
+CLOSED_SET_MAX_ANSWERS = 20
+RECORD_FIELDS = ("id", "image", "conversations", "question_type", "answer_type", "references", "source")
 
 
-def normalize_answer_type(value, answer: str, where: str) -> str:
-    """`closed`/`open` from a VQA answer-type value; inferred from the answer when missing."""
+def normalize_answer_type(value, answer: str, where: str) -> str | None:
+    """`closed`/`open` from a VQA answer-type value; `closed` for a yes/no answer without one, else None
+    (undecided: `infer_answer_types` looks at all the answers of the question)."""
     if value is None or str(value).strip() == "":
-        return "closed" if answer.strip().lower() in ("yes", "no") else "open"
+        return "closed" if answer.strip().lower() in ("yes", "no") else None
     key = str(value).strip().lower()
     if key not in ANSWER_TYPES:
         raise DataToolError(f"{where}: answer type {value!r}; expected one of {sorted(ANSWER_TYPES)}")
     return ANSWER_TYPES[key]
 
 
-def make_record(sid: str, image: str | None, question: str, answer: str, references: list[str], answer_type: str,
-                question_type: str | None = None, source: str | None = None) -> dict:
-    """One single-turn LLaVA sample with the evaluation fields the project uses."""
+def extra_fields(row: dict, used_columns) -> dict:
+    """The row's other columns, kept as record fields (e.g. `label`, for `partition --stratify label` and
+    `eval.score --group-by label`): values that JSON can hold, names the record does not use itself."""
+    used = set(used_columns)
+    extra = {}
+    for name, value in row.items():
+        if name in used or name in RECORD_FIELDS:
+            continue
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):  # image bytes and other binary cells
+            continue
+        extra[name] = value
+    return extra
+
+
+def infer_answer_types(records: list[dict], override: str = "auto") -> None:
+    """Set every record's `answer_type`: `override` when it is closed/open, else the closed-set rule for the
+    records still undecided (None): a question asked >= CLOSED_SET_MIN_ASKED times whose distinct answers
+    number <= CLOSED_SET_MAX_ANSWERS and <= half the times it is asked is `closed`, any other `open`."""
+    if override not in ANSWER_TYPE_CHOICES:
+        raise DataToolError(f"--answer-type {override!r}; expected one of {ANSWER_TYPE_CHOICES}")
+    answers: dict[str, list[str]] = defaultdict(list)
+    for record in records:
+        answers[record["conversations"][0]["value"]].append(record["conversations"][1]["value"].strip().lower())
+    for record in records:
+        if override != "auto":
+            record["answer_type"] = override
+        elif record.get("answer_type") is None:
+            given = answers[record["conversations"][0]["value"]]
+            distinct = len(set(given))
+            closed = len(given) >= CLOSED_SET_MIN_ASKED and distinct <= min(CLOSED_SET_MAX_ANSWERS, len(given) / 2)
+            record["answer_type"] = "closed" if closed else "open"
+
+
+def make_record(sid: str, image: str | None, question: str, answer: str, references: list[str],
+                answer_type: str | None, question_type: str | None = None, source: str | None = None,
+                extra: dict | None = None) -> dict:
+    """One single-turn LLaVA sample with the evaluation fields the project uses, then `extra` fields."""
     record = {"id": sid}
     if image is not None:
         record["image"] = image
@@ -32,11 +78,12 @@ def make_record(sid: str, image: str | None, question: str, answer: str, referen
     record["references"] = references
     if source is not None:
         record["source"] = source
+    record.update({key: value for key, value in (extra or {}).items() if key not in record})
     return record
 
 
 def caption_records(sid: str, image: str, captions: list[str], mode: str, prompt: str = CAPTION_PROMPT,
-                    source: str | None = None, caption_ids: list | None = None) -> list[dict]:
+                    source: str | None = None, caption_ids: list | None = None, extra: dict | None = None) -> list[dict]:
     """per-image: one record, first caption as target; per-caption: one record per caption.
 
     `references` always holds every caption of the image (what caption metrics compare with).
@@ -45,7 +92,7 @@ def caption_records(sid: str, image: str, captions: list[str], mode: str, prompt
     if not captions:
         return []
     if mode == "per-image":
-        return [make_record(sid, image, prompt, captions[0], captions, "open", "caption", source)]
+        return [make_record(sid, image, prompt, captions[0], captions, "open", "caption", source, extra)]
     ids = caption_ids or list(range(len(captions)))
-    return [make_record(f"{sid}-{cid}", image, prompt, caption, captions, "open", "caption", source)
+    return [make_record(f"{sid}-{cid}", image, prompt, caption, captions, "open", "caption", source, extra)
             for cid, caption in zip(ids, captions)]

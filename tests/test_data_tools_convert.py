@@ -169,3 +169,74 @@ def test_arrow_stream_caption_set(tmp_path):
     assert records[1]["references"] == ["A field.", "Green crops."]
     assert {r["source"] for r in records} == {"UCM"}
     assert validate_samples(records, str(tmp_path / "img")).errors == []
+
+
+def _write_csv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_imagefolder_one_closed_question_per_image_with_its_class(tmp_path):
+    root = tmp_path / "photos"
+    for seed, (name, files) in enumerate({"Pullover": ["a.png", "b.png"], "Sandal": ["c.png"]}.items()):
+        (root / name).mkdir(parents=True)
+        for i, file in enumerate(files):
+            distinct_image(seed * 10 + i, 16).save(root / name / file)
+    (root / "Sandal" / "notes.txt").write_text("not an image")
+    out, report = tmp_path / "photos.json", tmp_path / "report.json"
+    assert convert.main(["imagefolder", "--input", str(root), "--out", str(out), "--report", str(report),
+                         "--question", "Which garment is this?"]) == 0
+    records = json.load(open(out))
+    assert [(r["id"], r["image"], r["label"], r["answer_type"]) for r in records] == [
+        ("Pullover/a", "Pullover/a.png", "Pullover", "closed"), ("Pullover/b", "Pullover/b.png", "Pullover", "closed"),
+        ("Sandal/c", "Sandal/c.png", "Sandal", "closed")]
+    assert records[0]["conversations"] == [{"from": "human", "value": "<image>\nWhich garment is this?"},
+                                           {"from": "gpt", "value": "Pullover"}]
+    data = json.load(open(report))
+    assert data["classes"] == ["Pullover", "Sandal"]
+    assert data["skipped"] == [{"file": "Sandal/notes.txt", "reason": "not an image file (by its extension)"}]
+    assert validate_samples(records, str(root)).errors == []
+
+
+def test_captions_from_two_columns_or_one_row_per_caption_keep_other_columns(tmp_path):
+    two_columns = _write_csv(tmp_path / "wide.csv", ["Image", "Caption", "caption_2", "Artist"],
+                             [["frog.png", "A green frog.", "A frog stamp.", "Ann"], ["coin.png", "A coin.", "", "Bo"]])
+    out = tmp_path / "wide.json"
+    assert convert.main(["captions", "--input", two_columns, "--out", str(out), "--image-prefix", "stamps",
+                         "--caption-column", "caption", "CAPTION_2"]) == 0
+    wide = json.load(open(out))
+    assert [(r["id"], r["image"], r["references"], r["Artist"]) for r in wide] == [
+        ("0", "stamps/frog.png", ["A green frog.", "A frog stamp."], "Ann"), ("1", "stamps/coin.png", ["A coin."], "Bo")]
+    assert {(r["question_type"], r["answer_type"]) for r in wide} == {("caption", "open")}
+    long = _write_csv(tmp_path / "long.csv", ["file_name", "text"],
+                      [["frog.png", "A green frog."], ["coin.png", "A coin."], ["frog.png", "A frog stamp."]])
+    out = tmp_path / "long.json"
+    assert convert.main(["captions", "--input", long, "--out", str(out), "--caption-mode", "per-caption"]) == 0
+    per_caption = json.load(open(out))
+    assert [(r["id"], r["conversations"][1]["value"]) for r in per_caption] == [
+        ("0-0", "A green frog."), ("0-1", "A frog stamp."), ("1-0", "A coin.")]
+    assert per_caption[1]["references"] == ["A green frog.", "A frog stamp."]
+
+
+def test_case_insensitive_columns_extra_columns_and_closed_set_inference(tmp_path):
+    classes = ["T-shirt", "Trouser", "Pullover", "Dress", "Coat"]
+    rows = [[f"{i}.png", "What is shown?", classes[i % 5], classes[i % 5].lower(), "x"] for i in range(20)]
+    rows += [["20.png", "Describe the scene.", "A coat on a chair.", "coat", "y"],
+             ["21.png", "Is it a coat?", "yes", "coat", "y"]]
+    src = _write_csv(tmp_path / "fashion.csv", ["IMAGE", "Question", "Answer", "label", "batch"], rows)
+    out = tmp_path / "fashion.json"
+    assert convert.main(["vqa", "--input", src, "--out", str(out)]) == 0
+    records = json.load(open(out))
+    types = {r["conversations"][0]["value"].split("\n")[1]: r["answer_type"] for r in records}
+    assert types == {"What is shown?": "closed", "Describe the scene.": "open", "Is it a coat?": "closed"}
+    assert (records[0]["label"], records[0]["batch"]) == ("t-shirt", "x")  # the row's other columns, kept
+    assert "IMAGE" not in records[0] and records[0]["image"] == "0.png"
+    # Fewer askings than the rule needs: open; --answer-type overrides the rule either way.
+    few = tmp_path / "few.json"
+    assert convert.main(["vqa", "--input", src, "--out", str(few), "--where", "batch=y"]) == 0
+    assert [r["answer_type"] for r in json.load(open(few))] == ["open", "closed"]
+    assert convert.main(["vqa", "--input", src, "--out", str(few), "--answer-type", "open"]) == 0
+    assert {r["answer_type"] for r in json.load(open(few))} == {"open"}

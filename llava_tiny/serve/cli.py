@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from ..conversation import IMAGE_TOKEN
-from ..images import ASPECT_RATIOS, load_image
+from ..images import ASPECT_RATIOS, IMAGE_BACKGROUNDS, load_image
 from ..inference import GenerationSettings, build_prompt, generate_batch
 
 EXIT_WORDS = ("exit", "quit")
@@ -55,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--top-p", "--top_p", type=float, default=None)
     parser.add_argument("--num-beams", "--num_beams", type=int, default=1)
     parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default="pad")
+    parser.add_argument("--image-background", "--image_background", choices=IMAGE_BACKGROUNDS, default="white",
+                        help="what transparent pixels become: white, or the processor's mean colour (default white)")
     parser.add_argument("--seed", type=int, default=None, help="fix the sampling seed")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     return parser.parse_args(argv)
@@ -75,7 +77,7 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     loaded = load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, num_beams=args.num_beams,
-                                  image_aspect_ratio=args.image_aspect_ratio)
+                                  image_aspect_ratio=args.image_aspect_ratio, image_background=args.image_background)
     chat = ChatSession(loaded, image, settings, args.conv_mode)
     if args.query is not None:
         print(chat.ask(args.query), file=stdout, flush=True)
