@@ -40,6 +40,7 @@ class DataArguments:
     eval_data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for eval loss."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the 'image' paths are relative to."})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square, mean colour), square or resize."})
+    image_background: str = field(default="white", metadata={"help": "What transparent pixels become: white, or mean (the image processor's mean colour).", "choices": ["white", "mean"]})
     lazy_preprocess: bool = field(default=True, metadata={"help": "Tokenize and load images per step (always on)."})
     is_multimodal: bool = field(default=True, metadata={"help": "Accepted for LLaVA compatibility."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip missing/corrupt images and unfit samples (listed in output_dir) instead of stopping."})
