@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import TrainerCallback
 
+from llava_tiny.model import unwrap_model
+
 IGNORE_INDEX = -100
 
 # Dense bf16 tensor-core peaks (FLOP/s) used for MFU; --peak-tflops overrides.
@@ -231,7 +233,7 @@ class TrainingProbe(TrainerCallback):
 def model_flop_counts(model) -> dict[str, int]:
     """Parameter counts behind the MFU formula: LLM without its input embeddings (a lookup, no
     FLOPs; lm_head is kept), vision tower, projector."""
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    llava = unwrap_model(model)
     inner = llava.model
 
     def count(module):

@@ -143,17 +143,9 @@ def _run_baseline(plan: RunPlan, probe, out_dir: str):
 def _run_ours(plan: RunPlan, probe, out_dir: str, flags: list[str]):
     import torch
 
-    from llava_tiny.train import train as train_module
+    from llava_tiny.train.arguments import parse_args
+    from llava_tiny.train.train import build_trainer, run
 
-    captured = {}
-
-    class MeasuredLlavaTrainer(train_module.LlavaTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            probe.attach(self)
-            captured["model"] = self.model
-
-    train_module.LlavaTrainer = MeasuredLlavaTrainer  # this process runs one side only
     argv = ["--model_name_or_path", plan.parts["llm"], "--vision_tower", plan.parts["clip"],
             "--data_path", plan.data_path, "--image_folder", plan.image_folder, "--output_dir", out_dir,
             "--version", "llava_v1", "--model_max_length", str(SHAPES[plan.shapes].model_max_length),
@@ -163,8 +155,10 @@ def _run_ours(plan: RunPlan, probe, out_dir: str, flags: list[str]):
             "--dataloader_num_workers", str(plan.num_workers),
             "--gradient_checkpointing", str(plan.gradient_checkpointing),
             "--disable_tqdm", "True", *(["--bf16", "True"] if torch.cuda.is_available() else []), *flags]
-    train_module.train(attn_implementation="flash_attention_2", argv=argv)  # as train_mem.py: SDPA without flash-attn
-    return captured["model"]
+    trainer = build_trainer(parse_args(argv), attn_implementation="flash_attention_2")  # as train_mem.py
+    probe.attach(trainer)
+    run(trainer)
+    return trainer.model
 
 
 def run_side(plan: RunPlan, side: str, turns=None) -> dict:

@@ -149,7 +149,7 @@ def write_models(out_dir: str, shapes: Shapes, seed: int = 42) -> dict[str, str]
     import torch
     from transformers import set_seed
 
-    from llava_tiny.model.builder import assemble_model, save_model
+    from llava_tiny.model.builder import assemble_model
 
     if shapes.name == "gpu":
         parts = _write_gpu_shapes(out_dir)
@@ -163,5 +163,5 @@ def write_models(out_dir: str, shapes: Shapes, seed: int = 42) -> dict[str, str]
     set_seed(seed)
     loaded = assemble_model(parts["llm"], parts["clip"], dtype=torch.float32)
     parts["llava"] = os.path.join(out_dir, "llava")
-    save_model(loaded, parts["llava"])
+    loaded.save_pretrained(parts["llava"])
     return parts

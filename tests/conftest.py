@@ -52,6 +52,15 @@ def write_color_dataset(root, n=16, size=40, text_only=0, seed=0):
     return path
 
 
+def required_flags(tmp_path) -> list[str]:
+    """The flags every training run needs, pointing at an (empty) data file: for parse_args tests."""
+    data = os.path.join(str(tmp_path), "flags-data.json")
+    with open(data, "w") as f:
+        f.write("[]")
+    return ["--model_name_or_path", "m", "--vision_tower", "t", "--data_path", data,
+            "--output_dir", os.path.join(str(tmp_path), "out")]
+
+
 @pytest.fixture(scope="session")
 def color_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")

@@ -10,14 +10,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
-from llava_tiny.inference import base_model, build_prompt, probe_inputs
-from llava_tiny.model.builder import assemble_model, load_pretrained_model, save_model, save_projector
-from llava_tiny.model.lora import apply_lora, save_lora_checkpoint
+from llava_tiny.inference import build_prompt, probe_inputs
+from llava_tiny.model import unwrap_model
+from llava_tiny.model.builder import assemble_model, load_pretrained_model
+from llava_tiny.model.checkpoints import save_checkpoint
+from llava_tiny.model.lora import apply_lora
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-import convert_bin_to_safetensors  # noqa: E402
-import export_hf  # noqa: E402
-import merge_lora  # noqa: E402
+from llava_tiny import convert_bin as convert_bin_to_safetensors
+from llava_tiny import export as export_tools
 
 IMAGE = Image.new("RGB", (70, 56), (200, 30, 30))
 QUESTION = "What color is it?"
@@ -37,7 +37,7 @@ def lora_dir(tmp_path_factory, tiny_parts):
             if "lora_B" in name:
                 param.normal_(0, 0.02)
     path = str(tmp_path_factory.mktemp("lora") / "lora")
-    save_lora_checkpoint(peft_model, loaded.processor, path)
+    save_checkpoint("lora", peft_model, loaded.processor, path)
     return path
 
 
@@ -73,11 +73,11 @@ def test_merged_lora_loads_in_stock_llava_and_generates_like_the_unmerged_model(
     unmerged = load_pretrained_model(lora_dir, device="cpu", merge_lora=False)
     assert type(unmerged.model).__name__ == "PeftModelForCausalLM"
     base = assemble_model(tiny_parts["llm"], tiny_parts["clip"])
-    base.model.model.multi_modal_projector = base_model(unmerged.model).model.multi_modal_projector
+    base.model.model.multi_modal_projector = unwrap_model(unmerged.model).model.multi_modal_projector
     assert (_logits(unmerged) - _logits(base)).abs().max() > 1e-2  # the adapter changes the model
 
     merged = tmp_path / "merged"
-    assert merge_lora.main(["--model-path", lora_dir, "--save-path", str(merged)]) == 0
+    assert export_tools.merge_main(["--model-path", lora_dir, "--save-path", str(merged)]) == 0
     config = json.loads((merged / "config.json").read_text())
     assert config["model_type"] == "llava" and config["dtype"] == "float32"
     assert not any(f.endswith((".bin", ".pt")) for f in os.listdir(merged))
@@ -93,13 +93,13 @@ def test_merge_refuses_a_non_empty_save_path_and_non_lora_checkpoints(lora_dir, 
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("earlier work")
-    assert merge_lora.main(["--model-path", lora_dir, "--save-path", str(taken)]) == 2
+    assert export_tools.merge_main(["--model-path", lora_dir, "--save-path", str(taken)]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert os.listdir(taken) == ["keep.txt"]
 
     full = tmp_path / "full"
-    save_model(assemble_model(tiny_parts["llm"], tiny_parts["clip"]), str(full))
-    assert merge_lora.main(["--model-path", str(full), "--save-path", str(tmp_path / "out")]) == 2
+    assemble_model(tiny_parts["llm"], tiny_parts["clip"]).save_pretrained(str(full))
+    assert export_tools.merge_main(["--model-path", str(full), "--save-path", str(tmp_path / "out")]) == 2
     assert "is a full checkpoint, not a LoRA one" in capsys.readouterr().err
 
 
@@ -109,7 +109,7 @@ def test_merge_fails_loudly_when_merged_logits_differ(lora_dir, tmp_path, monkey
     # A broken merge: adapters removed instead of folded into the weights.
     monkeypatch.setattr(LoraModel, "merge_and_unload", lambda self, *args, **kwargs: self.unload())
     out = tmp_path / "merged"
-    assert merge_lora.main(["--model-path", lora_dir, "--save-path", str(out)]) == 1
+    assert export_tools.merge_main(["--model-path", lora_dir, "--save-path", str(out)]) == 1
     err = capsys.readouterr().err
     assert "merged and unmerged logits differ by" in err and "nothing was written" in err
     assert not out.exists()
@@ -117,7 +117,7 @@ def test_merge_fails_loudly_when_merged_logits_differ(lora_dir, tmp_path, monkey
 
 def test_export_of_a_lora_checkpoint_is_stock_and_generates_like_the_project_loader(lora_dir, tmp_path, capsys):
     export = tmp_path / "export"
-    assert export_hf.main(["--model-path", lora_dir, "--save-path", str(export)]) == 0
+    assert export_tools.export_main(["--model-path", lora_dir, "--save-path", str(export)]) == 0
     assert "stock transformers LLaVA layout; reloaded logits match" in capsys.readouterr().out
     assert json.loads((export / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]
     input_ids, stock_tokens = _stock_generate(str(export))
@@ -128,8 +128,8 @@ def test_export_of_a_lora_checkpoint_is_stock_and_generates_like_the_project_loa
 def test_export_in_bfloat16_and_from_a_projector_checkpoint(tiny_parts, tmp_path):
     torch.manual_seed(2)
     loaded = assemble_model(tiny_parts["llm"], tiny_parts["clip"])
-    save_projector(loaded.model, loaded.processor, str(tmp_path / "stage1"))
-    result = export_hf.export_checkpoint(str(tmp_path / "stage1"), str(tmp_path / "export"), save_dtype="bfloat16")
+    save_checkpoint("projector", loaded.model, loaded.processor, str(tmp_path / "stage1"))
+    result = export_tools.export_checkpoint(str(tmp_path / "stage1"), str(tmp_path / "export"), save_dtype="bfloat16")
     assert result["kind"] == "projector" and result["stock"] and result["max_difference"] is not None
     assert {t.dtype for t in load_file(str(tmp_path / "export" / "model.safetensors")).values()} == {torch.bfloat16}
     stock = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "export"))
@@ -140,8 +140,8 @@ def test_export_in_bfloat16_and_from_a_projector_checkpoint(tiny_parts, tmp_path
 
 def test_export_of_a_non_stock_projector_says_so_and_keeps_llava_tiny(tiny_parts, tmp_path, caplog, capsys):
     full = tmp_path / "linear"
-    save_model(assemble_model(tiny_parts["llm"], tiny_parts["clip"], mm_projector_type="linear"), str(full))
-    assert export_hf.main(["--model-path", str(full), "--save-path", str(tmp_path / "export")]) == 0
+    assemble_model(tiny_parts["llm"], tiny_parts["clip"], mm_projector_type="linear").save_pretrained(str(full))
+    assert export_tools.export_main(["--model-path", str(full), "--save-path", str(tmp_path / "export")]) == 0
     assert "'linear' cannot be expressed by stock transformers LLaVA" in caplog.text
     assert "NOT loadable by stock transformers LLaVA" in capsys.readouterr().out
     assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "llava_tiny"

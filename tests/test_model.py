@@ -12,8 +12,8 @@ from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGen
 
 from llava_tiny.conversation import IGNORE_INDEX, tokenize_conversation, tokenize_prompt
 from llava_tiny.images import preprocess_images
-from llava_tiny.model.builder import (assemble_model, checkpoint_kind, count_parameters, load_pretrained_model,
-                                      save_model, save_projector)
+from llava_tiny.model.builder import assemble_model, count_parameters, load_pretrained_model
+from llava_tiny.model.checkpoints import checkpoint_kind, save_checkpoint
 from llava_tiny.model.projector import build_projector
 from llava_tiny.model.vision import num_image_tokens
 from llava_tiny.testing.tiny import make_tiny_llm, make_tiny_vision_tower
@@ -121,7 +121,7 @@ def test_requested_attention_reaches_the_language_model(tiny_parts):
 
 def test_stock_transformers_loads_mlp2x_gelu_with_same_logits(tmp_path, tiny_parts):
     loaded = assemble_model(tiny_parts["llm"], tiny_parts["clip"])
-    save_model(loaded, str(tmp_path / "m"))
+    loaded.save_pretrained(str(tmp_path / "m"))
     config = json.load(open(tmp_path / "m" / "config.json"))
     assert config["model_type"] == "llava" and config["architectures"] == ["LlavaForConditionalGeneration"]
     assert not any(f.endswith((".bin", ".pt")) for f in os.listdir(tmp_path / "m"))
@@ -149,7 +149,7 @@ def test_other_projectors_load_through_registered_model_type(tmp_path, tiny_part
     if projector_type == "identity":  # needs the tower's width == the LLM's
         tower = make_tiny_vision_tower(str(tmp_path / "clip64"), "clip", hidden_size=64)
     loaded = assemble_model(tiny_parts["llm"], tower, mm_projector_type=projector_type)
-    save_model(loaded, str(tmp_path / "m"))
+    loaded.save_pretrained(str(tmp_path / "m"))
     assert json.load(open(tmp_path / "m" / "config.json"))["model_type"] == "llava_tiny"
     reloaded = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "m")).eval()
     ids, pixels = _inputs(loaded)
@@ -172,7 +172,7 @@ def test_load_pretrained_model_finds_the_kind_from_files(tmp_path, tiny_parts):
         loaded.model.model.multi_modal_projector.linear_2.bias.fill_(0.5)
     # A stage-1 folder named like a full model: the name is never used.
     stage1 = tmp_path / "llava-full-model-lora"
-    save_projector(loaded.model, loaded.processor, str(stage1))
+    save_checkpoint("projector", loaded.model, loaded.processor, str(stage1))
     assert checkpoint_kind(str(stage1)) == "projector"
     reloaded = load_pretrained_model(str(stage1))
     assert reloaded.kind == "projector"

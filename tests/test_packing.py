@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import required_flags
 from llava_tiny.model.builder import assemble_model
 from llava_tiny.model.lora import apply_lora
 from llava_tiny.train import train as train_module
@@ -21,6 +22,7 @@ from llava_tiny.train.arguments import parse_args
 from llava_tiny.train.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from llava_tiny.train.fast_path import chunked_causal_lm_loss, run_frozen_tower_without_grad
 from llava_tiny.train.packing import PACKED_SDPA, PackingCollator, make_data_collator, use_packed_attention
+from llava_tiny.train.recipes import FullFinetune
 from llava_tiny.train.trainer import LlavaTrainer, ModalityLengthGroupedSampler
 
 
@@ -199,7 +201,6 @@ def test_packed_sdpa_attention_attends_within_each_sample_of_each_row():
 
 
 def test_packed_attention_is_refused_where_it_would_cross_samples_and_is_never_saved(tmp_path, tiny_parts):
-    from llava_tiny.model.builder import save_model
 
     eager = assemble_model(tiny_parts["llm"], tiny_parts["clip"], dtype=torch.float32)
     eager.model.model.language_model.config._attn_implementation = "eager"
@@ -208,7 +209,7 @@ def test_packed_attention_is_refused_where_it_would_cross_samples_and_is_never_s
     loaded = assemble_model(tiny_parts["llm"], tiny_parts["clip"], dtype=torch.float32)
     use_packed_attention(apply_lora(loaded.model, r=4, alpha=8))  # through the peft wrapper
     assert loaded.model.model.language_model.config._attn_implementation == PACKED_SDPA
-    save_model(loaded, str(tmp_path / "saved"))
+    loaded.save_pretrained(str(tmp_path / "saved"))
     assert PACKED_SDPA not in (tmp_path / "saved" / "config.json").read_text()
 
 
@@ -315,7 +316,7 @@ def test_training_with_packing_and_chunked_ce_follows_the_same_losses(tmp_path, 
 
 
 def test_group_by_length_strategy_uses_the_modality_sampler(tmp_path):
-    _, _, args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path),
+    _, _, args = parse_args([*required_flags(tmp_path),
                              "--train_sampling_strategy", "group_by_length", "--per_device_train_batch_size", "2"])
     dataset = SimpleNamespace(modality_lengths=[5, -3, 7, -4])
     sampler = LlavaTrainer._get_train_sampler(SimpleNamespace(args=args, train_dataset=dataset))
@@ -325,11 +326,11 @@ def test_group_by_length_strategy_uses_the_modality_sampler(tmp_path):
 def test_adamw_bnb_8bit_runs_on_cpu(tmp_path, tiny_parts, tiny):
     """--optim adamw_bnb_8bit: bitsandbytes keeps 8-bit Adam states on a CPU too."""
     loaded, items = tiny
-    _, _, args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--optim", "adamw_bnb_8bit",
+    model_args, _, args = parse_args([*required_flags(tmp_path), "--optim", "adamw_bnb_8bit",
                              "--learning_rate", "1e-3", "--report_to", "none"])
     model = assemble_model(tiny_parts["llm"], tiny_parts["clip"], dtype=torch.float32).model
     model.train()
-    optimizer = LlavaTrainer(model=model, args=args, recipe="full").create_optimizer()
+    optimizer = LlavaTrainer(model=model, args=args, recipe=FullFinetune(model_args, args)).create_optimizer()
     before = model.lm_head.weight.detach().clone()
     summed_loss(model, DataCollatorForSupervisedDataset(loaded.tokenizer.pad_token_id)(items[:2])).backward()
     optimizer.step()

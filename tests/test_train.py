@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_color_dataset
-from llava_tiny.model.builder import assemble_model, load_pretrained_model, save_model
+from conftest import required_flags, write_color_dataset
+from llava_tiny.model.builder import assemble_model, load_pretrained_model
 from llava_tiny.train import train as train_module
 from llava_tiny.train.arguments import parse_args
 from llava_tiny.train.trainer import LlavaTrainer, modality_grouped_indices
@@ -94,7 +94,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_parts, color
     big = load_file(str(tmp_path / "big" / "model.safetensors"))
     acc = load_file(str(tmp_path / "acc" / "model.safetensors"))
     torch.manual_seed(0)  # train() seeds the projector's initialisation the same way
-    save_model(assemble_model(tiny_parts["llm"], tiny_parts["clip"]), str(tmp_path / "base"))
+    assemble_model(tiny_parts["llm"], tiny_parts["clip"]).save_pretrained(str(tmp_path / "base"))
     base = load_file(str(tmp_path / "base" / "model.safetensors"))  # the same on-disk key names
     moved = [k for k in big if not torch.equal(big[k], base[k])]
     assert moved, "the step changed nothing"
@@ -187,7 +187,7 @@ def test_llava_flags_are_accepted(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not logged in
     model_args, data_args, args = parse_args([
-        "--model_name_or_path", "m", "--version", "v1", "--vision_tower", "t", "--output_dir", str(tmp_path),
+        *required_flags(tmp_path), "--version", "v1",
         "--evaluation_strategy", "no", "--local_rank", "0", "--bf16", "True", "--tf32", "True",
         "--mm_use_im_start_end", "False", "--mm_use_im_patch_token", "False", "--lazy_preprocess", "True",
         "--group_by_modality_length", "True", "--report_to", "wandb", "--mm_projector_lr", "2e-5",
@@ -196,12 +196,12 @@ def test_llava_flags_are_accepted(tmp_path, monkeypatch):
     assert args.mm_projector_lr == 2e-5 and args.lora_r == 128 and args.group_by_modality_length
     assert "wandb" not in args.report_to or os.environ.get("WANDB_MODE") == "offline"
     with pytest.raises(ValueError, match="LLaVA-1.0 options"):
-        parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--mm_use_im_start_end", "True"])
+        parse_args([*required_flags(tmp_path), "--mm_use_im_start_end", "True"])
     # transformers 5 dropped --group_by_length; LLaVA scripts still pass it (bare or with a value).
     for flag in (["--group_by_length"], ["--group_by_length", "True"], ["--group_by_length=true"]):
-        _, _, args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), *flag])
+        _, _, args = parse_args([*required_flags(tmp_path), *flag])
         assert args.train_sampling_strategy == "group_by_length"
-    _, _, args = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--group_by_length", "False"])
+    _, _, args = parse_args([*required_flags(tmp_path), "--group_by_length", "False"])
     assert args.train_sampling_strategy != "group_by_length"
 
 

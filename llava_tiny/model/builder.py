@@ -1,4 +1,4 @@
-"""Assemble a LLaVA from pretrained parts, save it, and load any checkpoint kind back.
+"""Assemble a LLaVA from pretrained parts, and load any checkpoint kind back (LLaVA's `load_pretrained_model`).
 
 Assembly never builds a second language model: the LLaVA shell is created on the meta device
 and the pretrained LLM and vision tower are attached to it (the "ghost model" of many LLaVA
@@ -7,28 +7,21 @@ forks is a random LLM left inside the wrapper, 2.8B parameters instead of 1.5B).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaProcessor
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..conversation import IMAGE_TOKEN, chat_template_jinja, get_template, prepare_tokenizer
+from .checkpoints import checkpoint_kind, load_non_lora_trainables, load_projector_weights, read_config, save_checkpoint
 from .modeling import LlavaTinyConfig, LlavaTinyForCausalLM
 from .projector import build_projector
 from .vision import VISION_FAMILIES, default_select_strategy, load_vision_tower, num_image_tokens, vision_family
 
 logger = logging.getLogger(__name__)
-
-# File names that tell what a checkpoint folder holds (never the folder's name).
-PROJECTOR_FILE = "mm_projector.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-NON_LORA_FILE = "non_lora_trainables.safetensors"
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 _dtype_logged = False
 
@@ -108,7 +101,7 @@ class LoadedModel:
     model: LlavaTinyForCausalLM
     tokenizer: object
     processor: LlavaProcessor
-    kind: str  # "full", "projector", "lora"
+    kind: str  # "full", "projector", "lora" (checkpoints.py)
 
     @property
     def image_processor(self):
@@ -118,24 +111,30 @@ class LoadedModel:
     def template(self) -> str:
         return self.model.config.conversation_template
 
+    def save_pretrained(self, save_dir: str) -> None:
+        """Save as a full checkpoint (a LoRA checkpoint when the model is an unmerged `PeftModel`)."""
+        kind = "lora" if hasattr(self.model, "get_base_model") else "full"
+        save_checkpoint(kind, self.model, self.processor, save_dir)
+
 
 def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type: str = "mlp2x_gelu",
                    mm_vision_select_layer: int = -2, vision_select_strategy: str | None = None,
                    version: str = "llava_v1", dtype: torch.dtype | None = None, attn_implementation: str | None = None,
-                   quantization_config=None, trust_remote_code: bool = False) -> LoadedModel:
+                   quantization_config=None, trust_remote_code: bool = False,
+                   cache_dir: str | None = None) -> LoadedModel:
     """Build a LLaVA from a pretrained causal LM and a pretrained CLIP/SigLIP tower, with no ghost.
 
     The parameter count equals LLM (after adding `<image>` and template tokens) + tower + projector.
     """
     dtype = dtype or resolve_dtype()
     template = get_template(version)
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code)
+    hub = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}  # for every from_pretrained
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub)
     prepare_tokenizer(tokenizer, template)
     llm = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, attn_implementation=attn_implementation,
-                                               quantization_config=quantization_config,
-                                               trust_remote_code=trust_remote_code)
+                                               quantization_config=quantization_config, **hub)
     _resize_embeddings(llm, len(tokenizer))
-    tower, image_processor = load_vision_tower(vision_tower, dtype=dtype, trust_remote_code=trust_remote_code)
+    tower, image_processor = load_vision_tower(vision_tower, dtype=dtype, **hub)
     strategy = vision_select_strategy or default_select_strategy(tower.config)
     config = LlavaTinyConfig(
         text_config=llm.config, vision_config=tower.config, mm_projector_type=mm_projector_type,
@@ -164,56 +163,6 @@ def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type
     return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, kind="full")
 
 
-def save_model(loaded: LoadedModel, save_dir: str) -> None:
-    """Save a full model: safetensors weights, config, tokenizer and processor (stock-loadable for mlp2x_gelu)."""
-    loaded.model.save_pretrained(save_dir, safe_serialization=True)
-    loaded.processor.save_pretrained(save_dir)
-
-
-def save_projector(model: LlavaTinyForCausalLM, processor, save_dir: str) -> None:
-    """Stage-1 checkpoint: the projector weights, the config (recording the base parts) and the processor."""
-    os.makedirs(save_dir, exist_ok=True)
-    state = {f"model.multi_modal_projector.{k}": v.detach().cpu().contiguous()
-             for k, v in model.model.multi_modal_projector.state_dict().items()}
-    save_file(state, os.path.join(save_dir, PROJECTOR_FILE), metadata={"format": "pt"})
-    model.config.save_pretrained(save_dir)
-    processor.save_pretrained(save_dir)
-
-
-def load_projector_weights(model: LlavaTinyForCausalLM, path: str) -> None:
-    """Load a stage-1 projector (`mm_projector.safetensors` or its folder) into `model`."""
-    file = os.path.join(path, PROJECTOR_FILE) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no projector weights at {file}; expected a stage-1 folder holding {PROJECTOR_FILE}")
-    prefix = "model.multi_modal_projector."
-    state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in load_file(file).items()}
-    projector = model.model.multi_modal_projector
-    dtype = next(iter(projector.parameters())).dtype if list(projector.parameters()) else None
-    projector.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True)
-
-
-def checkpoint_kind(path: str) -> str:
-    """'full', 'lora' or 'projector' from the files in `path`; a clear error naming what is missing."""
-    files = set(os.listdir(path)) if os.path.isdir(path) else set()
-    if ADAPTER_CONFIG in files:
-        return "lora"
-    if any(f in files for f in MODEL_FILES) or any(f.startswith("model-") and f.endswith(".safetensors") for f in files):
-        return "full"
-    if PROJECTOR_FILE in files:
-        return "projector"
-    raise FileNotFoundError(
-        f"{path} holds no model: expected {MODEL_FILES[0]} (full model), {ADAPTER_CONFIG} + adapter weights "
-        f"(LoRA) or {PROJECTOR_FILE} (stage-1 projector); found {sorted(files) or 'nothing'}")
-
-
-def _read_config(path: str) -> LlavaTinyConfig:
-    with open(os.path.join(path, "config.json")) as f:
-        data = json.load(f)
-    data.pop("model_type", None)
-    data.pop("architectures", None)
-    return LlavaTinyConfig.from_dict(data)
-
-
 def _base_parts(config: LlavaTinyConfig, model_base: str | None, path: str) -> tuple[str, str]:
     llm = model_base or config.mm_llm_path
     tower = config.mm_vision_tower
@@ -227,25 +176,24 @@ def _base_parts(config: LlavaTinyConfig, model_base: str | None, path: str) -> t
 def load_pretrained_model(model_path: str, model_base: str | None = None, device: str | None = None,
                           dtype: torch.dtype | None = None, merge_lora: bool = True,
                           trust_remote_code: bool = False) -> LoadedModel:
-    """Load any checkpoint this project writes, deciding what it is from its files.
+    """Load any checkpoint this project writes, deciding what it is from its files (`checkpoints.py`).
 
-    - full model (`model.safetensors` + `config.json`): stock or `llava_tiny` model_type;
-    - LoRA (`adapter_config.json` + `non_lora_trainables.safetensors`): base LLM + tower rebuilt
-      (from `model_base` or the paths recorded in `config.json`), projector loaded, adapter applied;
-    - stage-1 projector (`mm_projector.safetensors`): base parts rebuilt, projector loaded.
+    - full model: stock `llava` or `llava_tiny` model_type;
+    - LoRA: base LLM + tower rebuilt (from `model_base` or the paths recorded in `config.json`),
+      non-LoRA trainables loaded, adapter applied (merged unless `merge_lora=False`);
+    - stage-1 projector: base parts rebuilt, projector loaded.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or resolve_dtype(device)
     kind = checkpoint_kind(model_path)
+    config = read_config(model_path)
     if kind == "full":
-        config = _read_config(model_path)
         model = LlavaTinyForCausalLM.from_pretrained(model_path, config=config, dtype=dtype,
                                                      trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         return LoadedModel(model.to(device).eval(), tokenizer, processor, kind)
 
-    config = _read_config(model_path)
     llm_path, tower_path = _base_parts(config, model_base, model_path)
     loaded = assemble_model(llm_path, tower_path, mm_projector_type=config.mm_projector_type,
                             mm_vision_select_layer=config.vision_feature_layer,
@@ -256,19 +204,11 @@ def load_pretrained_model(model_path: str, model_base: str | None = None, device
     else:
         from peft import PeftModel  # the [train] extra
 
-        non_lora = os.path.join(model_path, NON_LORA_FILE)
-        if os.path.isfile(non_lora):
-            state = load_file(non_lora)
-            missing, unexpected = loaded.model.load_state_dict(state, strict=False)
-            if unexpected:
-                raise ValueError(f"{non_lora} holds weights the model does not have: {unexpected[:5]}")
-        else:
-            raise FileNotFoundError(f"{model_path} is a LoRA checkpoint without {NON_LORA_FILE} "
-                                    "(the projector and other non-LoRA trainables)")
+        load_non_lora_trainables(loaded.model, model_path)
         peft_model = PeftModel.from_pretrained(loaded.model, model_path)
         loaded.model = peft_model.merge_and_unload() if merge_lora else peft_model
     loaded.model.to(device).eval()
     loaded.kind = kind
-    loaded.tokenizer = AutoTokenizer.from_pretrained(model_path) if os.path.isfile(
-        os.path.join(model_path, "tokenizer_config.json")) else loaded.tokenizer
+    if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")):
+        loaded.tokenizer = AutoTokenizer.from_pretrained(model_path)
     return loaded

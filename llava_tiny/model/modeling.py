@@ -90,6 +90,17 @@ class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
             self.model.blank_image_batch = False
 
 
+def unwrap_model(model):
+    """The LLaVA model under peft / DeepSpeed / DDP wrappers (the one unwrapper of this project)."""
+    while True:
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return model
+
+
 AutoConfig.register("llava_tiny", LlavaTinyConfig)
 AutoModelForImageTextToText.register(LlavaTinyConfig, LlavaTinyForCausalLM)
 

@@ -32,15 +32,15 @@ def num_image_tokens(vision_config, select_strategy: str | None = None) -> int:
     return patches + (1 if has_cls and strategy == "full" else 0)
 
 
-def load_vision_config(path_or_id: str, trust_remote_code: bool = False):
-    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+def load_vision_config(path_or_id: str, trust_remote_code: bool = False, cache_dir: str | None = None):
+    config = AutoConfig.from_pretrained(path_or_id, trust_remote_code=trust_remote_code, cache_dir=cache_dir)
     return getattr(config, "vision_config", None) or config
 
 
-def load_vision_tower(path_or_id: str, dtype=None, trust_remote_code: bool = False):
+def load_vision_tower(path_or_id: str, dtype=None, trust_remote_code: bool = False, cache_dir: str | None = None):
     """Load a CLIP/SigLIP vision model (also from a full CLIP/SigLIP checkpoint) and its image processor."""
-    config = load_vision_config(path_or_id, trust_remote_code)
+    config = load_vision_config(path_or_id, trust_remote_code, cache_dir)
     model_class, _ = VISION_FAMILIES[vision_family(config)]
-    tower = model_class.from_pretrained(path_or_id, dtype=dtype)
-    image_processor = AutoImageProcessor.from_pretrained(path_or_id)
+    tower = model_class.from_pretrained(path_or_id, dtype=dtype, cache_dir=cache_dir)
+    image_processor = AutoImageProcessor.from_pretrained(path_or_id, cache_dir=cache_dir)
     return tower, image_processor

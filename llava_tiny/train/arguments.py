@@ -1,7 +1,9 @@
 """Command-line flags: LLaVA's names and meanings, plus a few of ours.
 
-`parse_args` also turns the GPU-only flags users copy from GPU scripts (`--bf16`, `--tf32`) into
-what works on the machine at hand, with one log line each, instead of a crash.
+`parse_args` parses and checks every flag before any model loads, and reports every problem at
+once, each naming its flag. It also turns the GPU-only flags users copy from GPU scripts (`--bf16`,
+`--tf32`) into what works on the machine at hand, with one log line each, instead of a crash, and
+names the LLaVA flags it accepts but does not use.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -41,8 +44,8 @@ class DataArguments:
     image_folder: str | None = field(default=None, metadata={"help": "Folder the 'image' paths are relative to."})
     image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square, mean colour), square or resize."})
     image_background: str = field(default="white", metadata={"help": "What transparent pixels become: white, or mean (the image processor's mean colour).", "choices": ["white", "mean"]})
-    lazy_preprocess: bool = field(default=True, metadata={"help": "Tokenize and load images per step (always on)."})
-    is_multimodal: bool = field(default=True, metadata={"help": "Accepted for LLaVA compatibility."})
+    lazy_preprocess: bool = field(default=True, metadata={"help": "No effect: samples are always tokenized and loaded per step."})
+    is_multimodal: bool = field(default=True, metadata={"help": "No effect: accepted for LLaVA compatibility."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip missing/corrupt images and unfit samples (listed in output_dir) instead of stopping."})
     allow_images_outside_folder: bool = field(default=False, metadata={"help": "Allow image paths with ../ or absolute paths."})
     max_bad_sample_fraction: float = field(default=0.01, metadata={"help": "With --skip_bad_samples, stop when more than this fraction is bad."})
@@ -59,19 +62,27 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_bias: str = "none"
-    lora_weight_path: str = ""
+    lora_weight_path: str = field(default="", metadata={"help": "No effect: accepted for LLaVA compatibility."})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Keep the projector frozen."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate (own parameter group)."})
     mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "Vision tower learning rate when unfrozen."})
     group_by_modality_length: bool = field(default=False, metadata={"help": "Batches of image-only or text-only samples, grouped by length."})
     packing: bool = field(default=False, metadata={"help": "Padding-free batches: each batch packed into one row, attention kept within each sample, logits only for supervised tokens (sdpa or flash_attention_2)."})
     chunked_ce: bool = field(default=False, metadata={"help": "Compute the loss from hidden states in chunks: no full-vocabulary logits for every position at once."})
-    cache_dir: str | None = None
-    mpt_attn_impl: str | None = None
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached (every from_pretrained)."})
+    mpt_attn_impl: str | None = field(default=None, metadata={"help": "No effect: LLaVA's MPT option."})
     remove_unused_columns: bool = False
     optim: str = "adamw_torch"
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds another run."})
     skip_nan_steps: bool = field(default=False, metadata={"help": "On a NaN/inf loss, skip the step and count it instead of stopping."})
+
+
+class RunArguments(NamedTuple):
+    """The parsed flags of one run (unpacks as `model_args, data_args, training_args`)."""
+
+    model: ModelArguments
+    data: DataArguments
+    training: TrainingArguments
 
 
 # Flags renamed by transformers that LLaVA scripts still pass.
@@ -155,33 +166,91 @@ def _init_cpu_distributed(argv: list[str]) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """Parse LLaVA-style flags into (model, data, training) arguments."""
+# LLaVA flags accepted so that users' scripts run, with no effect here (named once at start).
+NO_EFFECT_FLAGS = ("--lazy_preprocess", "--is_multimodal", "--lora_weight_path", "--mpt_attn_impl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+class FlagError(ValueError):
+    """Flags that cannot run together or point at nothing; the message lists every problem by flag."""
+
+
+def flag_problems(model_args, data_args, training_args) -> list[str]:
+    """Every problem with the flags, each naming its flag; checked before any model loads."""
+    from ..conversation import get_template
+    from ..images import ASPECT_RATIOS
+    from ..model.projector import projector_depth
+
+    problems = []
+    if model_args.vision_tower is None:
+        problems.append("--vision_tower is required (a CLIP or SigLIP vision model)")
+    if data_args.data_path is None:
+        problems.append("--data_path is required (LLaVA JSON or JSONL)")
+    for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
+        if path is not None and not os.path.isfile(path):
+            problems.append(f"{flag} {path}: no such file; expected a LLaVA JSON or JSONL data file")
+    if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
+        problems.append(f"--image_folder {data_args.image_folder}: no such folder")
+    if data_args.image_aspect_ratio not in ASPECT_RATIOS:
+        problems.append(f"--image_aspect_ratio {data_args.image_aspect_ratio!r}: expected one of {ASPECT_RATIOS}")
+    adapter = model_args.pretrain_mm_mlp_adapter
+    if adapter and adapter.endswith(PICKLE_SUFFIXES):  # LLaVA's released stage-1 projectors are pickles
+        problems.append(f"--pretrain_mm_mlp_adapter {adapter}: pickled weights are never loaded here (unpickling can "
+                        "run code, CVE-2025-32434); convert it first: python scripts/convert_bin_to_safetensors.py "
+                        f"{adapter} CONVERTED_DIR, then pass CONVERTED_DIR")
+    elif adapter and not os.path.exists(adapter):
+        problems.append(f"--pretrain_mm_mlp_adapter {adapter}: no such file or folder")
+    for flag, check in (("--mm_projector_type", lambda: projector_depth(model_args.mm_projector_type)),
+                        ("--version", lambda: get_template(model_args.version))):
+        try:
+            check()
+        except ValueError as err:
+            problems.append(f"{flag}: {err}")
+    if model_args.mm_vision_select_feature not in ("patch", "cls_patch"):
+        problems.append(f"--mm_vision_select_feature {model_args.mm_vision_select_feature!r}: expected patch or cls_patch")
+    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
+        problems.append("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
+                        "recipes set to False; this project supports only False")
+    if model_args.mm_patch_merge_type != "flat":
+        problems.append(f"--mm_patch_merge_type {model_args.mm_patch_merge_type!r}: only 'flat' is supported")
+    if training_args.bits not in (4, 8, 16):
+        problems.append(f"--bits {training_args.bits}: expected 4, 8 or 16")
+    elif training_args.bits in (4, 8) and not training_args.lora_enable:
+        problems.append(f"--bits {training_args.bits} quantizes the LLM, which can then only be trained with "
+                        "--lora_enable True")
+    if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
+        problems.append("--tune_mm_mlp_adapter (stage 1) trains only the projector; do not combine it with --lora_enable")
+    if model_args.tune_mm_mlp_adapter and training_args.freeze_mm_mlp_adapter:
+        problems.append("--tune_mm_mlp_adapter with --freeze_mm_mlp_adapter: nothing would train")
+    if training_args.skip_nan_steps and training_args.deepspeed:
+        problems.append("--skip_nan_steps cannot be used with --deepspeed: DeepSpeed applies the update inside "
+                        "backward, so a step cannot be dropped after its loss is seen. Without it, the run stops at "
+                        "a NaN/inf loss with the step, the sample ids and the last good checkpoint")
+    if training_args.chunked_ce and transformers.integrations.is_deepspeed_zero3_enabled():
+        # Recomputing a chunk re-runs lm_head in backward, where ZeRO-3 hands a frozen lm_head's
+        # partitioned (empty) weight: torch.utils.checkpoint then fails on the mismatch.
+        problems.append("--chunked_ce cannot run under ZeRO-3; use ZeRO-2, or drop --chunked_ce (with --packing "
+                        "logits are computed only for supervised tokens)")
+    return problems
+
+
+def parse_args(argv: list[str] | None = None) -> RunArguments:
+    """Parse LLaVA-style flags into (model, data, training) arguments; `FlagError` lists every problem."""
     argv = _adapt_precision_flags(_normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     if not _on_gpu() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
         argv += ["--use_cpu", "True"]  # must be set when TrainingArguments is created (world size)
     _init_cpu_distributed(argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    problems = flag_problems(model_args, data_args, training_args)
+    if problems:
+        raise FlagError("invalid flags:\n" + "\n".join(f"  {p}" for p in problems))
+    unused = [flag for flag in NO_EFFECT_FLAGS if any(a.split("=")[0] == flag for a in argv)]
+    if unused:
+        logger.warning("accepted for compatibility, no effect here: %s", ", ".join(unused))
     if not _on_gpu():
         training_args.dataloader_pin_memory = False
-    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
-        raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
-                         "recipes set to False; this project supports only False")
-    if model_args.mm_patch_merge_type != "flat":
-        raise ValueError(f"--mm_patch_merge_type {model_args.mm_patch_merge_type!r}: only 'flat' is supported")
-    if training_args.bits not in (4, 8, 16):
-        raise ValueError(f"--bits {training_args.bits}: expected 4, 8 or 16")
-    if training_args.skip_nan_steps and training_args.deepspeed:
-        raise ValueError("--skip_nan_steps cannot be used with --deepspeed: DeepSpeed applies the update inside "
-                         "backward, so a step cannot be dropped after its loss is seen. Without it, the run stops at "
-                         "a NaN/inf loss with the step, the sample ids and the last good checkpoint")
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    if training_args.chunked_ce and transformers.integrations.is_deepspeed_zero3_enabled():
-        # Recomputing a chunk re-runs lm_head in backward, where ZeRO-3 hands a frozen lm_head's
-        # partitioned (empty) weight: torch.utils.checkpoint then fails on the mismatch.
-        raise ValueError("--chunked_ce cannot run under ZeRO-3; use ZeRO-2, or drop --chunked_ce (with --packing "
-                         "logits are computed only for supervised tokens)")
     _configure_reporting(training_args)
-    return model_args, data_args, training_args
+    return RunArguments(model_args, data_args, training_args)

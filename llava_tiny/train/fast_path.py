@@ -13,20 +13,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..conversation import IGNORE_INDEX
+from ..model.modeling import unwrap_model
 
 # Logits per cross-entropy chunk: 2^25 values, 128 MB in float32 (1024 positions of a 32k vocabulary).
 CE_CHUNK_LOGITS = 1 << 25
-
-
-def unwrap_llava(model):
-    """The LLaVA model under peft / DeepSpeed / DDP wrappers."""
-    while True:
-        if hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        elif isinstance(getattr(model, "module", None), torch.nn.Module):
-            model = model.module
-        else:
-            return model
 
 
 def _forward_without_grad_when_frozen(self, *args, **kwargs):
@@ -45,7 +35,7 @@ def run_frozen_tower_without_grad(model) -> None:
     tower, keeps its activations and backpropagates through it into nothing. The check is made per
     call, so a tower unfrozen later trains normally. Results are unchanged (no tower gradient exists).
     """
-    tower = unwrap_llava(model).model.vision_tower
+    tower = unwrap_model(model).model.vision_tower
     # A method bound to the tower (not a closure), so a deepcopy of the model rebinds it to the copy.
     tower.forward = types.MethodType(_forward_without_grad_when_frozen, tower)
 
@@ -71,7 +61,7 @@ def chunked_causal_lm_loss(model, inputs: dict, num_items_in_batch=None, chunk_l
     no_position = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
     outputs = model(**model_inputs, logits_to_keep=no_position, output_hidden_states=True)
     hidden = outputs.hidden_states[-1]  # after the final norm: what lm_head reads
-    lm_head = unwrap_llava(model).get_output_embeddings()
+    lm_head = unwrap_model(model).get_output_embeddings()
     if positions is not None:
         hidden = hidden.take_along_dim(positions[..., None], dim=1)
         targets = inputs["shift_labels"]

@@ -1,51 +1,183 @@
-"""Training recipes: which parts are frozen, fully trained or LoRA-adapted.
+"""Training recipes: what trains, with which learning rate, and which checkpoint the run writes.
 
-    projector  stage 1 (--tune_mm_mlp_adapter): projector only
-    lora       --lora_enable: LoRA on the LLM's linear layers + projector (+ tower if unfrozen)
-    full       full fine-tuning: LLM + projector (+ tower if unfrozen), LLM frozen by --freeze_backbone
+    projector  stage 1 (--tune_mm_mlp_adapter): the projector only           -> projector checkpoint
+    full       the LLM (unless --freeze_backbone) + projector (+ tower)       -> full checkpoint
+    lora       LoRA adapters on the LLM + projector (+ tower)                 -> LoRA checkpoint
+    qlora      `lora` on a 4- or 8-bit quantized LLM (--bits 4|8)             -> LoRA checkpoint
+
+The projector trains unless --freeze_mm_mlp_adapter; the tower only with --unfreeze_mm_vision_tower
+(not in stage 1). A recipe is the only place that decides what is frozen. Add one: a `Recipe`
+subclass with `@register("name")`, and its flag in `recipe_name`.
 """
 from __future__ import annotations
 
 import logging
 
+import torch
+from transformers.trainer_pt_utils import get_parameter_names
+
+from ..model.checkpoints import load_checkpoint_weights, save_checkpoint
+from ..model.modeling import unwrap_model
+
 logger = logging.getLogger(__name__)
+
+FROZEN, FULL, LORA = "frozen", "full", "lora"
+RECIPES: dict[str, type[Recipe]] = {}
+
+
+def register(name: str):
+    """Class decorator: make the recipe available as `name`."""
+    def add(cls):
+        cls.name = name
+        RECIPES[name] = cls
+        return cls
+    return add
 
 
 def recipe_name(model_args, training_args) -> str:
+    """The recipe the flags ask for (flag combinations are checked in `arguments.flag_problems`)."""
     if model_args.tune_mm_mlp_adapter:
-        if training_args.lora_enable:
-            raise ValueError("--tune_mm_mlp_adapter (stage 1) trains only the projector; do not combine it with --lora_enable")
         return "projector"
-    if training_args.bits in (4, 8) and not training_args.lora_enable:
-        raise ValueError(f"--bits {training_args.bits} quantizes the LLM, which can then only be trained with --lora_enable True")
-    return "lora" if training_args.lora_enable else "full"
+    if training_args.lora_enable:
+        return "qlora" if training_args.bits in (4, 8) else "lora"
+    return "full"
 
 
-def apply_recipe(model, recipe: str, model_args, training_args):
-    """Set requires_grad per part (and wrap with LoRA); return the model to train."""
-    model.requires_grad_(False)
-    inner = model.model
-    if not training_args.freeze_mm_mlp_adapter:
-        inner.multi_modal_projector.requires_grad_(True)
-    if model_args.unfreeze_mm_vision_tower and recipe != "projector":
-        inner.vision_tower.requires_grad_(True)
-    if recipe == "full" and not model_args.freeze_backbone:
-        inner.language_model.requires_grad_(True)
-        model.lm_head.requires_grad_(True)
-    if recipe == "lora":
+def make_recipe(model_args, training_args) -> Recipe:
+    return RECIPES[recipe_name(model_args, training_args)](model_args, training_args)
+
+
+def _parts(model) -> dict[str, list[torch.nn.Module]]:
+    llava = unwrap_model(model)
+    return {"language_model": [llava.model.language_model, llava.lm_head],
+            "vision_tower": [llava.model.vision_tower], "projector": [llava.model.multi_modal_projector]}
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of the tensors (each storage counted once: tied weights are saved once)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+class Recipe:
+    """One way to train: a tuning per part ('frozen' / 'full' / 'lora') and the checkpoint kind it saves."""
+
+    name = ""
+    checkpoint_kind = "full"
+
+    def __init__(self, model_args, training_args):
+        self.model_args, self.training_args = model_args, training_args
+
+    def tuning(self) -> dict[str, str]:
+        """Part ('language_model', 'vision_tower', 'projector') -> FROZEN, FULL or LORA."""
+        llm = FULL if not self.model_args.freeze_backbone else FROZEN
+        return {"language_model": llm, "projector": FROZEN if self.training_args.freeze_mm_mlp_adapter else FULL,
+                "vision_tower": FULL if self.model_args.unfreeze_mm_vision_tower else FROZEN}
+
+    def quantization_config(self, dtype: torch.dtype):
+        """How the LLM is loaded (QLoRA quantizes it); None: as it is."""
+        return None
+
+    def prepare(self, model):
+        """Freeze and unfreeze each part, add LoRA adapters where asked; return the model to train."""
+        tuning = self.tuning()
+        model.requires_grad_(False)
+        for part, modules in _parts(model).items():
+            for module in modules:
+                module.requires_grad_(tuning[part] == FULL)
+        if LORA in tuning.values():
+            model = self._add_adapters(model)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        logger.info("recipe %s (%s): %d of %d parameters trainable (%.2f%%)", self.name,
+                    ", ".join(f"{part} {how}" for part, how in tuning.items()), trainable, total,
+                    100 * trainable / max(total, 1))
+        return model
+
+    def _add_adapters(self, model):
         from ..model.lora import apply_lora
 
-        if training_args.bits in (4, 8):
-            from peft import prepare_model_for_kbit_training
+        args = self.training_args
+        return apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias)
 
-            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training_args.gradient_checkpointing,
-                                                    gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs)
-            for name, param in model.named_parameters():  # prepare_* freezes everything
-                param.requires_grad_(name in trainable)
-        model = apply_lora(model, r=training_args.lora_r, alpha=training_args.lora_alpha,
-                           dropout=training_args.lora_dropout, bias=training_args.lora_bias)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info("recipe %s: %d of %d parameters trainable (%.2f%%)", recipe, trainable, total, 100 * trainable / max(total, 1))
-    return model
+    def parameter_groups(self, model, weight_decay: float) -> list[dict]:
+        """Optimizer groups: the projector (--mm_projector_lr) and the tower (--mm_vision_tower_lr) get
+        their own learning rate (LLaVA's); no weight decay on biases, norms and embeddings."""
+        args = self.training_args
+        decay = set(get_parameter_names(model, [torch.nn.LayerNorm, torch.nn.Embedding]))
+        decay = {n for n in decay if "bias" not in n and "norm" not in n}
+        own_rate = {"multi_modal_projector": args.mm_projector_lr, "vision_tower": args.mm_vision_tower_lr}
+        groups: dict[tuple, dict] = {}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            part = next((key for key, lr in own_rate.items() if lr is not None and key in name), None)
+            wd = weight_decay if name in decay else 0.0
+            group = groups.setdefault((part, wd), {"params": [], "weight_decay": wd,
+                                                   "lr": own_rate[part] if part else args.learning_rate})
+            group["params"].append(param)
+        return list(groups.values())
+
+    def save(self, model, processor, output_dir: str, state_dict: dict | None = None) -> None:
+        """Write this recipe's checkpoint of `model` (unwrapped from DeepSpeed/DDP; a PeftModel for LoRA)."""
+        save_checkpoint(self.checkpoint_kind, model, processor, output_dir, state_dict=state_dict)
+
+    def load(self, model, checkpoint_dir: str) -> None:
+        """Load a checkpoint this recipe saved into the live training model (resume without DeepSpeed)."""
+        load_checkpoint_weights(self.checkpoint_kind, model, checkpoint_dir)
+
+    def bytes_needed(self, model, optimizer=None) -> int:
+        """About what a save writes: the weights (all for a full checkpoint, the trained ones otherwise),
+        plus the optimizer state when given (a resumable checkpoint)."""
+        params = model.parameters() if self.checkpoint_kind == "full" else (
+            p for p in model.parameters() if p.requires_grad)
+        total = tensor_bytes(params)
+        states = getattr(optimizer, "state", {}).values() if optimizer is not None else ()
+        return total + tensor_bytes(t for state in states if isinstance(state, dict) for t in state.values())
+
+
+@register("projector")
+class ProjectorPretrain(Recipe):
+    checkpoint_kind = "projector"
+
+    def tuning(self) -> dict[str, str]:
+        return {"language_model": FROZEN, "vision_tower": FROZEN, "projector": FULL}
+
+
+@register("full")
+class FullFinetune(Recipe):
+    checkpoint_kind = "full"
+
+
+@register("lora")
+class LoraFinetune(Recipe):
+    checkpoint_kind = "lora"
+
+    def tuning(self) -> dict[str, str]:
+        return {**super().tuning(), "language_model": LORA}
+
+
+@register("qlora")
+class QLoraFinetune(LoraFinetune):
+    def quantization_config(self, dtype: torch.dtype):
+        from transformers import BitsAndBytesConfig
+
+        args = self.training_args
+        return BitsAndBytesConfig(load_in_4bit=args.bits == 4, load_in_8bit=args.bits == 8,
+                                  bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=args.double_quant,
+                                  bnb_4bit_quant_type=args.quant_type)
+
+    def _add_adapters(self, model):
+        from peft import prepare_model_for_kbit_training
+
+        args = self.training_args
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        for name, param in model.named_parameters():  # peft's preparation freezes everything: keep our choice
+            param.requires_grad_(name in trainable)
+        return super()._add_adapters(model)

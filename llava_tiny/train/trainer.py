@@ -1,9 +1,10 @@
-"""`LlavaTrainer`: the HF Trainer with LLaVA's parameter groups, modality-grouped batches,
-token-weighted losses and this project's checkpoint formats."""
+"""`LlavaTrainer`: the HF Trainer for one recipe (its parameter groups and checkpoint kind), with
+modality-grouped batches, token-weighted losses, the NaN guard and checkpoints that appear only
+when complete (`run_dir.py`)."""
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import os
 import shutil
 
@@ -12,14 +13,13 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_pt_utils import get_parameter_names
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from .checkpoint import load_trained, save_trained
+from .callbacks import IgnorePreemptionInWorkers, NonFiniteLossGuard
 from .dataset import CollatorWithSkippedSamples
 from .fast_path import chunked_causal_lm_loss
-from .safety import (IgnorePreemptionInWorkers, NonFiniteLossGuard, explain_disk_full, pause_mid_save_for_tests,
-                     publish_checkpoint, staging_dir, tensor_bytes)
+from .recipes import Recipe
+from .run_dir import explain_disk_full, newest_checkpoint, publish_checkpoint, staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +64,10 @@ class ModalityLengthGroupedSampler(Sampler):
 
 
 class LlavaTrainer(Trainer):
-    """Trainer for one recipe ('projector', 'lora', 'full')."""
+    """The HF Trainer for one `Recipe`. Private Trainer methods are overridden only where it offers no
+    public hook; each says why."""
 
-    def __init__(self, *args, recipe: str, **kwargs):
+    def __init__(self, *args, recipe: Recipe, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.last_sample_ids: list[str] = []
@@ -76,17 +77,15 @@ class LlavaTrainer(Trainer):
                                             lambda: newest_checkpoint(self.args.output_dir),
                                             write_report=self.args.should_save)
         self.add_callback(self.nan_guard)
-        self._staging_run_dir: str | None = None
 
     # --- batches -------------------------------------------------------------------------
-    def _get_dataloader(self, *args, **kwargs):
-        dataloader = super()._get_dataloader(*args, **kwargs)
-        if dataloader.num_workers:  # a preemption signal must not kill the workers (safety.PreemptionCallback)
-            torch_loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the DataLoader
-            torch_loader.worker_init_fn = IgnorePreemptionInWorkers(torch_loader.worker_init_fn)
-        return dataloader
+    def get_train_dataloader(self):
+        return _workers_ignore_preemption(super().get_train_dataloader())
 
-    def _get_train_sampler(self, train_dataset=None):
+    def get_eval_dataloader(self, eval_dataset=None):
+        return _workers_ignore_preemption(super().get_eval_dataloader(eval_dataset))
+
+    def _get_train_sampler(self, train_dataset=None):  # private: the Trainer has no public hook for its sampler
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         # Also for --train_sampling_strategy group_by_length: the stock sampler would load every sample
         # (decoding its image) just to measure its length.
@@ -95,25 +94,14 @@ class LlavaTrainer(Trainer):
             return ModalityLengthGroupedSampler(dataset.modality_lengths, batch, self.args.data_seed or self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
-    # --- optimizer: the projector and the vision tower get their own learning rates --------
+    # --- optimizer: the recipe's parameter groups (projector and tower learning rates) -----
     def create_optimizer(self, model=None):
-        if self.optimizer is not None:
-            return self.optimizer
-        model = model if model is not None else self.model
-        decay = set(get_parameter_names(model, [torch.nn.LayerNorm, torch.nn.Embedding]))
-        decay = {n for n in decay if "bias" not in n and "norm" not in n}
-        special = {"multi_modal_projector": self.args.mm_projector_lr, "vision_tower": self.args.mm_vision_tower_lr}
-        groups: dict[tuple, dict] = {}
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            part = next((key for key, lr in special.items() if lr is not None and key in name), None)
-            lr = special[part] if part else self.args.learning_rate
-            wd = self.args.weight_decay if name in decay else 0.0
-            groups.setdefault((part, wd), {"params": [], "weight_decay": wd, "lr": lr})["params"].append(param)
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        optimizer_kwargs.pop("lr", None)
-        self.optimizer = optimizer_cls(list(groups.values()), lr=self.args.learning_rate, **optimizer_kwargs)
+        if self.optimizer is None:
+            model = model if model is not None else self.model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            optimizer_kwargs.pop("lr", None)
+            groups = self.recipe.parameter_groups(model, self.args.weight_decay)
+            self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
     # --- loss ----------------------------------------------------------------------------
@@ -132,7 +120,7 @@ class LlavaTrainer(Trainer):
                                                               num_items_in_batch=num_items_in_batch))
 
     def _checked_loss(self, model, result):
-        """A NaN/inf training loss is caught here, before backward (see safety.NonFiniteLossGuard)."""
+        """A NaN/inf training loss is caught here, before backward (see callbacks.NonFiniteLossGuard)."""
         if model.training:
             loss = result[0] if isinstance(result, tuple) else result
             self.nan_guard.check(loss, self.state.global_step + 1, self.last_sample_ids)
@@ -169,28 +157,22 @@ class LlavaTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    # --- checkpoints ---------------------------------------------------------------------
-    def _get_output_dir(self, trial):
-        # While a checkpoint is written, HF's "run dir" is its staging folder (see _save_checkpoint).
-        return self._staging_run_dir or super()._get_output_dir(trial)
-
+    # --- checkpoints: written by the recipe, published only when complete ----------------
     def _save_checkpoint(self, model, trial):
-        """checkpoint-N appears complete or not at all: HF writes it as tmp-checkpoint-N/checkpoint-N, renamed
-        to checkpoint-N once weights, optimizer and trainer_state.json are on disk; only then are old ones
+        """Private: the Trainer has no hook to write a checkpoint elsewhere and publish it.
+
+        checkpoint-N appears complete or not at all: HF writes it into tmp-checkpoint-N/, renamed to
+        checkpoint-N once weights, optimizer and trainer_state.json are on disk; only then are old ones
         rotated away (save_total_limit), so rotation and resume only ever see complete checkpoints."""
-        run_dir = super()._get_output_dir(trial)
+        run_dir = self.args.output_dir
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging, final = staging_dir(run_dir, self.state.global_step), os.path.join(run_dir, name)
-        self._staging_run_dir = staging
-        try:
-            with explain_disk_full(staging, self.checkpoint_bytes_needed, newest_checkpoint(run_dir),
-                                   partial=staging if self.args.should_save else None):
-                super()._save_checkpoint(model, trial)
-                if self.args.should_save and self.state.best_model_checkpoint == os.path.join(staging, name):
-                    self.state.best_model_checkpoint = final  # recorded while it was still in staging
-                    self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
-        finally:
-            self._staging_run_dir = None
+        with explain_disk_full(staging, self.checkpoint_bytes_needed, newest_checkpoint(run_dir),
+                               partial=staging if self.args.should_save else None), _output_dir(self.args, staging):
+            super()._save_checkpoint(model, trial)
+            if self.args.should_save and self.state.best_model_checkpoint == os.path.join(staging, name):
+                self.state.best_model_checkpoint = final  # recorded while it was still in staging
+                self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
             publish_checkpoint(os.path.join(staging, name), final)
@@ -199,47 +181,38 @@ class LlavaTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def checkpoint_bytes_needed(self, include_optimizer: bool = True) -> int:
-        """About what a save writes: the weights (all for 'full', the trained ones otherwise) and, for a
-        resumable checkpoint, the optimizer state."""
-        model = self.accelerator.unwrap_model(self.model)
-        params = model.parameters() if self.recipe == "full" else (p for p in model.parameters() if p.requires_grad)
-        total = tensor_bytes(params)
-        if include_optimizer and self.optimizer is not None and not self.args.save_only_model:
-            states = getattr(self.optimizer, "state", {}).values()
-            total += tensor_bytes(t for state in states if isinstance(state, dict) for t in state.values())
-        return total
+        """About what a save writes (weights, and the optimizer state for a resumable checkpoint)."""
+        resumable = include_optimizer and not self.args.save_only_model
+        return self.recipe.bytes_needed(self.accelerator.unwrap_model(self.model),
+                                        self.optimizer if resumable else None)
 
-    def _save(self, output_dir=None, state_dict=None):
-        if not self.args.should_save:
-            return
-        output_dir = output_dir or self.args.output_dir
-        model = self.accelerator.unwrap_model(self.model)
-        save_trained(model, self.recipe, self.processing_class, output_dir, state_dict=state_dict)
-        if self._staging_run_dir:
-            pause_mid_save_for_tests(self.state.global_step)
+    def _save(self, output_dir=None, state_dict=None):  # private: where HF hands over the ZeRO-3-gathered weights
+        if self.args.should_save:
+            self.recipe.save(self.accelerator.unwrap_model(self.model), self.processing_class,
+                             output_dir or self.args.output_dir, state_dict=state_dict)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):  # private: HF reads only its own formats
         if self.is_deepspeed_enabled:  # the engine checkpoint (global_step*/) restores everything
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_trained(model if model is not None else self.model, self.recipe, resume_from_checkpoint)
+        self.recipe.load(model if model is not None else self.model, resume_from_checkpoint)
 
-    def _load_best_model(self):
-        load_trained(self.model, self.recipe, self.state.best_model_checkpoint)
-
-
-def newest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete `checkpoint-N` in `output_dir` (one with a trainer_state.json)."""
-    if not os.path.isdir(output_dir):
-        return None
-    found = []
-    for name in os.listdir(output_dir):
-        path = os.path.join(output_dir, name)
-        if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() and \
-                os.path.isfile(os.path.join(path, "trainer_state.json")):
-            found.append((int(name.split("-")[1]), path))
-    return max(found)[1] if found else None
+    def _load_best_model(self):  # private: as _load_from_checkpoint
+        self.recipe.load(self.model, self.state.best_model_checkpoint)
 
 
-def steps_per_epoch(num_samples: int, args) -> int:
-    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    return max(1, math.ceil(num_samples / per_step))
+def _workers_ignore_preemption(dataloader):
+    """A preemption signal must not kill the dataloader workers (callbacks.IgnorePreemptionInWorkers)."""
+    if dataloader.num_workers:
+        torch_loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the DataLoader
+        torch_loader.worker_init_fn = IgnorePreemptionInWorkers(torch_loader.worker_init_fn)
+    return dataloader
+
+
+@contextlib.contextmanager
+def _output_dir(args, path: str):
+    """HF writes a checkpoint under `args.output_dir`: point it at the staging folder for one save."""
+    saved, args.output_dir = args.output_dir, path
+    try:
+        yield
+    finally:
+        args.output_dir = saved

@@ -59,11 +59,33 @@ def subprocess_env(**extra) -> dict:
     return env
 
 
-def start_training(argv: list[str], log_path, **env) -> subprocess.Popen:
+# Run by `start_training(..., pause_in_save_at=N)`: the save of checkpoint-N sleeps after its weights are
+# written and before the optimizer state and trainer_state.json, so a kill lands mid-write.
+PAUSING_SAVE = """
+import sys, time
+from transformers import Trainer
+from llava_tiny.train.train import train
+
+step, argv = int(sys.argv[1]), sys.argv[2:]
+write_optimizer = Trainer._save_optimizer_and_scheduler
+
+def pausing(self, output_dir):
+    if self.state.global_step == step:
+        print(f"pausing inside the save of checkpoint-{step}", flush=True)
+        time.sleep(120)
+    return write_optimizer(self, output_dir)
+
+Trainer._save_optimizer_and_scheduler = pausing
+train(argv=argv)
+"""
+
+
+def start_training(argv: list[str], log_path, pause_in_save_at: int | None = None, **env) -> subprocess.Popen:
     """`python -m llava_tiny.train.train ARGV` with stdout+stderr going to `log_path`, in a process group
     of its own (its dataloader workers too), as a scheduler sees a job."""
     log = open(log_path, "w")
-    return subprocess.Popen([sys.executable, "-m", "llava_tiny.train.train", *argv], cwd=REPO,
+    command = ["-m", "llava_tiny.train.train"] if pause_in_save_at is None else ["-c", PAUSING_SAVE, str(pause_in_save_at)]
+    return subprocess.Popen([sys.executable, *command, *argv], cwd=REPO,
                             env=subprocess_env(**env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -12,9 +12,8 @@ from safetensors.torch import load_file
 from faultlib import (color_samples, one_thread, read, run_training, start_training, text_samples, train_argv,
                       train_in_process, trainer_state, wait_for, write_samples)
 from llava_tiny.model.builder import load_pretrained_model
-from llava_tiny.train import trainer as trainer_module
-from llava_tiny.train.safety import SLOW_SAVE_ENV
-from llava_tiny.train.trainer import newest_checkpoint
+from llava_tiny.train import recipes
+from llava_tiny.train.run_dir import newest_checkpoint
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
@@ -33,7 +32,7 @@ def test_sigkill_mid_checkpoint_write_keeps_the_previous_one_and_the_rerun_resum
     out = tmp_path / "out"
     argv = train_argv(tiny_parts, data, out, *FLAGS)
     log = tmp_path / "killed.log"
-    proc = start_training(argv, log, **{SLOW_SAVE_ENV: "4"})
+    proc = start_training(argv, log, pause_in_save_at=4)
     wait_for(lambda: "pausing inside the save of checkpoint-4" in read(log), proc, log)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -68,18 +67,18 @@ def test_a_run_that_dies_in_its_final_save_is_resumed_not_taken_for_finished(tmp
                                                                             monkeypatch):
     out = tmp_path / "out"
     argv = train_argv(tiny_parts, data, out, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
-    real_save_trained = trainer_module.save_trained
+    real_save = recipes.save_checkpoint
 
-    def dies_writing_the_final_weights(model, recipe, processor, output_dir, **kwargs):
+    def dies_writing_the_final_weights(kind, model, processor, output_dir, **kwargs):
         if output_dir == str(out):
             raise KeyboardInterrupt("killed during the final save")
-        return real_save_trained(model, recipe, processor, output_dir, **kwargs)
+        return real_save(kind, model, processor, output_dir, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "save_trained", dies_writing_the_final_weights)
+    monkeypatch.setattr(recipes, "save_checkpoint", dies_writing_the_final_weights)
     with pytest.raises(KeyboardInterrupt):
         train_in_process(argv)
     assert not (out / "trainer_state.json").exists()  # written last: the folder still reads as interrupted
-    monkeypatch.setattr(trainer_module, "save_trained", real_save_trained)
+    monkeypatch.setattr(recipes, "save_checkpoint", real_save)
     train_in_process(argv)  # checkpoint-2 is the last step: it becomes the final model, with no step past it
     assert trainer_state(out)["global_step"] == 2
     final, last = load_file(str(out / "model.safetensors")), load_file(str(out / "checkpoint-2" / "model.safetensors"))

@@ -13,8 +13,8 @@ import pytest
 
 from faultlib import color_samples, one_thread, text_samples, train_argv, train_in_process, trainer_state, write_samples
 from llava_tiny.model.builder import load_pretrained_model
-from llava_tiny.train import trainer as trainer_module
-from llava_tiny.train.safety import DiskFullError
+from llava_tiny.train import recipes
+from llava_tiny.train.run_dir import DiskFullError
 from llava_tiny.train.trainer import LlavaTrainer
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
@@ -50,12 +50,12 @@ def test_disk_full_while_saving_names_path_and_bytes_and_keeps_the_previous_chec
     with small_filesystem(tmp_path / "fs") as filesystem:
         out = (filesystem or tmp_path) / "out"
         argv = train_argv(tiny_parts, data, out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1")
-        real_checkpoint, real_save_trained = LlavaTrainer._save_checkpoint, trainer_module.save_trained
+        real_checkpoint, real_save = LlavaTrainer._save_checkpoint, recipes.save_checkpoint
 
-        def no_space_for_checkpoint_2(model, recipe, processor, output_dir, **kwargs):
+        def no_space_for_checkpoint_2(kind, model, processor, output_dir, **kwargs):
             if "checkpoint-2" in output_dir:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), output_dir)
-            return real_save_trained(model, recipe, processor, output_dir, **kwargs)
+            return real_save(kind, model, processor, output_dir, **kwargs)
 
         def disk_fills_up_after_checkpoint_1(self, model, trial):
             real_checkpoint(self, model, trial)
@@ -63,7 +63,7 @@ def test_disk_full_while_saving_names_path_and_bytes_and_keeps_the_previous_chec
                 if filesystem:
                     fill(filesystem)
                 else:
-                    monkeypatch.setattr(trainer_module, "save_trained", no_space_for_checkpoint_2)
+                    monkeypatch.setattr(recipes, "save_checkpoint", no_space_for_checkpoint_2)
 
         monkeypatch.setattr(LlavaTrainer, "_save_checkpoint", disk_fills_up_after_checkpoint_1)
         with pytest.raises(DiskFullError) as err:
@@ -81,7 +81,7 @@ def test_disk_full_while_saving_names_path_and_bytes_and_keeps_the_previous_chec
         assert load_pretrained_model(str(out / "checkpoint-1")).kind == "full"
 
         monkeypatch.setattr(LlavaTrainer, "_save_checkpoint", real_checkpoint)
-        monkeypatch.setattr(trainer_module, "save_trained", real_save_trained)
+        monkeypatch.setattr(recipes, "save_checkpoint", real_save)
         if filesystem:
             os.remove(os.path.join(filesystem, "ballast"))
         train_in_process(argv)  # space again: the same command resumes from checkpoint-1 and finishes

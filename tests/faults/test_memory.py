@@ -15,8 +15,8 @@ GROWTH_LIMIT = 48 * 2**20  # generous (tiny runs grow ~2 MiB), yet a leak of ~12
 DRIVER = """
 import json, os, sys
 from transformers import TrainerCallback
-from llava_tiny.train import trainer as trainer_module
-from llava_tiny.train.train import train
+from llava_tiny.train.arguments import parse_args
+from llava_tiny.train.train import build_trainer, run
 
 def rss() -> int:
     with open("/proc/self/statm") as f:
@@ -29,13 +29,9 @@ class MeasureRSS(TrainerCallback):
         if state.global_step % 25 == 0:
             measured[state.global_step] = rss()
 
-init = trainer_module.LlavaTrainer.__init__
-def init_with_measurement(self, *args, **kwargs):
-    init(self, *args, **kwargs)
-    self.add_callback(MeasureRSS())
-trainer_module.LlavaTrainer.__init__ = init_with_measurement
-
-train(argv=sys.argv[2:])
+trainer = build_trainer(parse_args(sys.argv[2:]))
+trainer.add_callback(MeasureRSS())
+run(trainer)
 with open(sys.argv[1], "w") as f:
     json.dump(measured, f)
 """

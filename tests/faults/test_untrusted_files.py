@@ -10,8 +10,9 @@ import shutil
 import pytest
 import torch
 
+from conftest import required_flags
 from faultlib import REPO, color_samples, one_thread, train_argv, train_in_process, write_samples
-from llava_tiny.model import builder, vision
+from llava_tiny.model import builder, checkpoints, vision
 from llava_tiny.train import train as train_module
 from llava_tiny.train.arguments import parse_args
 from llava_tiny.train.dataset import BadSamplesError, LazySupervisedDataset
@@ -89,13 +90,13 @@ def test_a_pickled_stage1_projector_is_refused_without_unpickling_it(tmp_path, t
         train_in_process(train_argv(tiny_parts, data, tmp_path / "out", "--pretrain_mm_mlp_adapter",
                                     tmp_path / "mm_projector.bin"))
     with pytest.raises(Exception, match="deserializing header"):  # the loader itself reads safetensors only
-        builder.load_projector_weights(builder.assemble_model(tiny_parts["llm"], tiny_parts["clip"]).model,
+        checkpoints.load_projector_weights(builder.assemble_model(tiny_parts["llm"], tiny_parts["clip"]).model,
                                        str(tmp_path / "mm_projector.bin"))
     assert not target.exists()
 
 
 def test_trust_remote_code_is_off_unless_passed(tmp_path, tiny_parts, monkeypatch):
-    model_args, _, _ = parse_args(["--model_name_or_path", "m", "--output_dir", str(tmp_path)])
+    model_args, _, _ = parse_args(required_flags(tmp_path))
     assert model_args.trust_remote_code is False
     for function in (builder.assemble_model, builder.load_pretrained_model, vision.load_vision_tower):
         assert inspect.signature(function).parameters["trust_remote_code"].default is False

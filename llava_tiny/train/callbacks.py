@@ -1,27 +1,22 @@
-"""Faults that must lose nothing and say what happened.
+"""Callbacks that keep a run honest when something goes wrong mid-training.
 
-- Checkpoints appear only when complete: the Trainer writes `tmp-checkpoint-N/checkpoint-N/`,
-  renamed to `checkpoint-N` once weights, optimizer and `trainer_state.json` are all on disk. A
-  kill during the write leaves only the `tmp-` folder, which rotation (`save_total_limit`) and
-  resume never see; the next run removes it.
-- A full disk (or quota) while saving becomes `DiskFullError`, naming the path, the bytes needed
-  and the last complete checkpoint, which is left intact.
 - SIGTERM/SIGUSR1 (a scheduler's preemption notice): save a checkpoint at the next step boundary,
-  stop, exit 0; the same command resumes from it.
+  stop, exit 0; the same command resumes from it (`PreemptionCallback`).
 - A NaN/inf loss (or NaN/inf gradients) stops the run with the step, the batch's sample ids and
-  the last good checkpoint, or with `--skip_nan_steps` drops that optimizer step and records it.
+  the last good checkpoint, or with `--skip_nan_steps` drops that optimizer step and records it
+  (`NonFiniteLossGuard`).
+
+Every process takes the same decision (`on_any_process`): a process that stops or skips alone
+leaves the others waiting forever in the next collective.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
-import time
 from typing import Callable
 
 import torch
@@ -30,131 +25,7 @@ from transformers import TrainerCallback
 
 logger = logging.getLogger(__name__)
 
-STAGING_PREFIX = "tmp-checkpoint-"
 SKIPPED_STEPS_FILE = "skipped_steps.json"
-
-
-# --- checkpoints appear only when complete -------------------------------------------------------
-def staging_dir(run_dir: str, step: int) -> str:
-    """Where checkpoint-`step` is written before it is complete (HF writes `<this>/checkpoint-N/`)."""
-    return os.path.join(run_dir, f"{STAGING_PREFIX}{step}")
-
-
-def publish_checkpoint(staged: str, final: str) -> None:
-    """Rename a complete checkpoint into place (one rename: atomic on one filesystem)."""
-    if os.path.exists(final):  # the same step saved twice: swap, so a complete copy exists at every moment
-        replaced = os.path.join(os.path.dirname(final), STAGING_PREFIX + "replaced-" + os.path.basename(final))
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.rename(final, replaced)
-        os.rename(staged, final)
-        shutil.rmtree(replaced)
-    else:
-        os.rename(staged, final)
-
-
-def incomplete_checkpoints(run_dir: str) -> list[str]:
-    """Checkpoints whose write was cut short (a kill, a full disk): `tmp-checkpoint-*` folders."""
-    if not os.path.isdir(run_dir):
-        return []
-    return sorted(os.path.join(run_dir, name) for name in os.listdir(run_dir) if name.startswith(STAGING_PREFIX))
-
-
-def remove_incomplete_checkpoints(run_dir: str) -> None:
-    """Delete what interrupted saves left behind (never loadable, and they hold disk space)."""
-    for path in incomplete_checkpoints(run_dir):
-        logger.warning("removing %s: an incomplete checkpoint left by an interrupted save (resume ignores it)", path)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-PREVIOUS_RUN_PREFIX = "previous-run-"
-
-
-def set_aside_previous_run(run_dir: str) -> str | None:
-    """--overwrite_output_dir: move what the folder holds into `previous-run-N/` (nothing deleted), so
-    the new run neither resumes from nor rotates away the old run's checkpoints."""
-    if not os.path.isdir(run_dir):
-        return None
-    entries = [name for name in os.listdir(run_dir) if not name.startswith(PREVIOUS_RUN_PREFIX)]
-    if not entries:
-        return None
-    taken = {name for name in os.listdir(run_dir) if name.startswith(PREVIOUS_RUN_PREFIX)}
-    number = 1
-    while f"{PREVIOUS_RUN_PREFIX}{number}" in taken:
-        number += 1
-    target = os.path.join(run_dir, f"{PREVIOUS_RUN_PREFIX}{number}")
-    os.makedirs(target)
-    for name in entries:
-        os.rename(os.path.join(run_dir, name), os.path.join(target, name))
-    logger.warning("--overwrite_output_dir: moved what %s held into %s; the new run starts from scratch",
-                   run_dir, target)
-    return target
-
-
-# Test-only hook: the fault tests SIGKILL a real run while it writes a checkpoint. With
-# LLAVA_TINY_TEST_SLOW_SAVE=N the save of checkpoint-N sleeps after its weights are written and
-# before the optimizer state and trainer_state.json, so the kill lands mid-write.
-SLOW_SAVE_ENV = "LLAVA_TINY_TEST_SLOW_SAVE"
-
-
-def pause_mid_save_for_tests(step: int) -> None:
-    if os.environ.get(SLOW_SAVE_ENV) == str(step):
-        logger.warning("%s=%d: pausing inside the save of checkpoint-%d (test hook)", SLOW_SAVE_ENV, step, step)
-        time.sleep(120)
-
-
-# --- a full disk is named as such ----------------------------------------------------------------
-class DiskFullError(OSError):
-    """Not enough space to save; the message names the path, the bytes needed and the last good checkpoint."""
-
-
-_DISK_FULL_TEXT = ("no space left on device", "os error 28", "disk quota exceeded", "os error 122")
-
-
-def tensor_bytes(tensors) -> int:
-    """Bytes of the tensors (each storage counted once: tied weights are saved once)."""
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            total += t.numel() * t.element_size()
-    return total
-
-
-def _free_bytes(path: str) -> int:
-    while path and not os.path.exists(path):
-        path = os.path.dirname(path)
-    return shutil.disk_usage(path or ".").free
-
-
-def _is_disk_full(err: BaseException, free: int, needed: int) -> bool:
-    code = getattr(err, "errno", None)
-    if code is not None:
-        return code in (errno.ENOSPC, errno.EDQUOT)
-    if any(text in str(err).lower() for text in _DISK_FULL_TEXT):  # safetensors' Rust error carries no errno
-        return True
-    # torch.save on a full disk says only "unexpected pos ..." / "file write failed": judge by the space left.
-    return isinstance(err, RuntimeError) and free < needed
-
-
-@contextlib.contextmanager
-def explain_disk_full(path: str, bytes_needed: Callable[[], int], last_good: str | None, partial: str | None = None):
-    """Turn a write that failed on a full disk into `DiskFullError` naming `path`, the bytes needed and
-    `last_good`; `partial` (the half-written checkpoint) is removed to give its space back."""
-    try:
-        yield
-    except Exception as err:
-        needed = bytes_needed()
-        if isinstance(err, DiskFullError) or not _is_disk_full(err, _free_bytes(path), needed):
-            raise
-        if partial:
-            shutil.rmtree(partial, ignore_errors=True)
-        kept = (f"the last complete checkpoint, {last_good}, is intact" if last_good
-                else "no complete checkpoint was saved before this one")
-        raise DiskFullError(
-            errno.ENOSPC,
-            f"disk full while saving to {path}: about {needed:,} bytes needed ({needed / 2**20:.1f} MiB of weights "
-            f"and optimizer state), {_free_bytes(path):,} bytes free there now; {kept}. Free some space (or use "
-            f"another --output_dir) and rerun the same command to resume ({type(err).__name__}: {err})") from err
 
 
 # --- every process takes the same decision -------------------------------------------------------
