@@ -78,8 +78,8 @@ def build_trainer(args: RunArguments, attn_implementation: str | None = None) ->
         return LazySupervisedDataset(
             path, loaded.tokenizer, loaded.image_processor, loaded.template, loaded.model.config.image_seq_length,
             image_folder=data_args.image_folder, image_aspect_ratio=data_args.image_aspect_ratio,
-            model_max_length=training_args.model_max_length, skip_bad_samples=data_args.skip_bad_samples,
-            allow_images_outside_folder=data_args.allow_images_outside_folder,
+            image_background=data_args.image_background, model_max_length=training_args.model_max_length,
+            skip_bad_samples=data_args.skip_bad_samples, allow_images_outside_folder=data_args.allow_images_outside_folder,
             max_bad_sample_fraction=data_args.max_bad_sample_fraction, report_dir=training_args.output_dir)
 
     return LlavaTrainer(
