@@ -18,6 +18,8 @@ REPORT_FILE = "report.md"
 QUESTION_TYPE_PLOT = "accuracy_by_question_type.png"
 SOURCE_PLOT = "accuracy_by_source.png"
 LOSS_PLOT = "loss_curve.png"
+LOOKING_PLOT = "model_blind_majority.png"
+CONFUSION_PLOT = "confusion_matrix.png"
 
 VQA_RULE = ("Answers are compared after the official VQA normalization (punctuation, number words to digits, "
             "articles removed, lower case, contractions), applied to prediction and references alike. A question "
@@ -76,6 +78,31 @@ def plot_accuracy_bars(tables: Mapping[str, Mapping], path: str, title: str = "A
     return path
 
 
+def plot_confusion_matrix(matrix: Mapping, path: str) -> str:
+    """Heatmap of `eval.looking.confusion_matrix` (rows: reference answer, columns: prediction), counts written
+    in the cells when the matrix is small enough to read them. Returns `path`."""
+    labels, columns, counts = matrix["labels"], matrix["columns"], matrix["counts"]
+    side = max(4.0, 0.45 * len(columns) + 2)
+    fig = Figure(figsize=(side + 1, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(counts, cmap="Blues", aspect="auto")
+    fig.colorbar(image, ax=ax, label="questions")
+    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted answer")
+    ax.set_ylabel("reference answer")
+    if len(columns) <= 15:
+        top = max((max(row) for row in counts), default=0)
+        for i, row in enumerate(counts):
+            for j, value in enumerate(row):
+                if value:
+                    ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
+                            color="white" if value > top / 2 else "black")
+    ax.set_title("Confusion matrix (closed questions)")
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def read_loss_history(trainer_state_path: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
     """(train, eval) lists of (step, loss) from a Hugging Face `trainer_state.json`'s `log_history`."""
     with open(trainer_state_path, encoding="utf-8") as f:
@@ -116,6 +143,51 @@ def _group_rows(table: Mapping[str, Mapping]) -> list[str]:
     return [f"| {name} | {_pct(row['accuracy'])} | {row['n']} |" for name, row in table.items()]
 
 
+def _closed_and_group_sections(metrics: Mapping, plots: Mapping[str, str]) -> list[str]:
+    lines = []
+    for field, table in (metrics.get("per_group") or {}).items():
+        lines += [f"### Accuracy per {field}", "", f"| {field} | accuracy (%) | n |", "|---|---|---|",
+                  *_group_rows(table), ""]
+    if metrics.get("per_answer"):
+        lines += ["### Accuracy per answer (closed questions)", "", "Questions grouped by their (normalized) "
+                  "reference answer: how often the model gives each class.", "", "| answer | accuracy (%) | n |",
+                  "|---|---|---|", *_group_rows(metrics["per_answer"]), ""]
+    matrix = metrics.get("confusion_matrix")
+    if matrix:
+        lines += ["### Confusion matrix (closed questions)", "", "Rows: reference answer; columns: predicted answer "
+                  "(normalized; `(other)`: any answer outside the classes).", "",
+                  "| reference \\ predicted | " + " | ".join(matrix["columns"]) + " |",
+                  "|---|" + "---|" * len(matrix["columns"])]
+        lines += [f"| {label} | " + " | ".join(str(c) for c in row) + " |"
+                  for label, row in zip(matrix["labels"], matrix["counts"])]
+        if matrix.get("classes_left_out"):
+            lines.append(f"\n{matrix['classes_left_out']} rarer classes are left out of the matrix.")
+        lines.append("")
+        if CONFUSION_PLOT in plots:
+            lines += [f"![confusion matrix]({plots[CONFUSION_PLOT]})", ""]
+    return lines
+
+
+def _looking_section(metrics: Mapping, plots: Mapping[str, str]) -> list[str]:
+    looking = metrics.get("looking")
+    if not looking:
+        return []
+    lines = ["## Is the model looking at the image?", "",
+             "The same model with every image blanked (blind control) and always answering the most frequent "
+             f"answer of the question type (majority class, from {looking['majority_from']}). A model that reads "
+             "the picture beats both; a blind model above the majority class means the words of the question "
+             "give the answer away.", ""]
+    for key, heading in (("by_question_type", "question type"), ("by_answer", "answer")):
+        lines += [f"| {heading} | model (%) | blind (%) | majority (%) | n |", "|---|---|---|---|---|"]
+        rows = list(looking[key].items()) + ([("all", looking["overall"])] if key == "by_question_type" else [])
+        lines += [f"| {name} | {_pct(row['model'])} | {_pct(row['blind'])} | {_pct(row['majority'])} | {row['n']} |"
+                  for name, row in rows]
+        lines.append("")
+    if LOOKING_PLOT in plots:
+        lines += [f"![model vs blind vs majority]({plots[LOOKING_PLOT]})", ""]
+    return lines
+
+
 def render_report(metrics: Mapping, plots: Mapping[str, str], notes: list[str] | None = None) -> str:
     """The report.md text for `metrics` (as `score_predictions` returns them) and the written plot files."""
     counts = metrics.get("counts", {})
@@ -149,6 +221,8 @@ def render_report(metrics: Mapping, plots: Mapping[str, str], notes: list[str] |
                 if plot in plots:
                     lines += [f"![accuracy per {heading}]({plots[plot]})", ""]
 
+    lines += _closed_and_group_sections(metrics, plots)
+    lines += _looking_section(metrics, plots)
     skipped = metrics.get("skipped") or {}
     if skipped:
         lines += ["## Skipped", "", "These were not computed as the COCO caption toolkit would:", ""]
@@ -166,20 +240,39 @@ def render_report(metrics: Mapping, plots: Mapping[str, str], notes: list[str] |
 def write_report(metrics: Mapping, out_dir: str, trainer_state_path: str | None = None) -> dict[str, str]:
     """Write metrics.json, report.md and the plots into `out_dir` (created if needed).
 
-    Plots: accuracy per question type (when the VQA records have question types), accuracy per
-    source (two sources or more), and the loss curve from `trainer_state_path` when given.
+    Plots: accuracy per question type and per source (two or more of them; otherwise report.md says
+    why there is none), the confusion matrix of closed questions, model vs blind vs majority (with a
+    blind run; by question type, or by answer when there is one type), and the loss curve from
+    `trainer_state_path` when given.
     Returns {file name: path} of everything written.
     """
     os.makedirs(out_dir, exist_ok=True)
     plots: dict[str, str] = {}
     notes: list[str] = []
-    if metrics.get("per_question_type"):
+    if len(metrics.get("per_question_type") or {}) > 1:
         plot_accuracy_bars({"accuracy": metrics["per_question_type"]}, os.path.join(out_dir, QUESTION_TYPE_PLOT))
         plots[QUESTION_TYPE_PLOT] = QUESTION_TYPE_PLOT
+    elif metrics.get("counts", {}).get("vqa"):
+        notes.append(f"No {QUESTION_TYPE_PLOT}: it compares question types, and the VQA records have "
+                     f"{len(metrics.get('per_question_type') or {})} (a `question_type` field per record gives them).")
     if len(metrics.get("per_source") or {}) > 1:
         plot_accuracy_bars({"accuracy": metrics["per_source"]}, os.path.join(out_dir, SOURCE_PLOT),
                            title="Accuracy by source")
         plots[SOURCE_PLOT] = SOURCE_PLOT
+    elif metrics.get("counts", {}).get("vqa"):
+        notes.append(f"No {SOURCE_PLOT}: it compares sources, and the records have "
+                     f"{len(metrics.get('per_source') or {})} (a `source` field per record gives them).")
+    if metrics.get("confusion_matrix"):
+        plot_confusion_matrix(metrics["confusion_matrix"], os.path.join(out_dir, CONFUSION_PLOT))
+        plots[CONFUSION_PLOT] = CONFUSION_PLOT
+    looking = metrics.get("looking")
+    if looking:
+        by_type = looking["by_question_type"]
+        groups = by_type if len(by_type) > 1 else looking["by_answer"]
+        series = {name: {group: row[name] for group, row in groups.items()} for name in ("model", "blind", "majority")}
+        plot_accuracy_bars(series, os.path.join(out_dir, LOOKING_PLOT), title="Model vs blind control vs majority "
+                           "class, by " + ("question type" if len(by_type) > 1 else "answer"))
+        plots[LOOKING_PLOT] = LOOKING_PLOT
     if trainer_state_path:
         try:
             plot_loss_curve(trainer_state_path, os.path.join(out_dir, LOSS_PLOT))

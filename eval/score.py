@@ -12,6 +12,15 @@ Captions get BLEU-1..4, METEOR, ROUGE-L and CIDEr from pycocoevalcap (the COCO c
 VQA questions get VQA accuracy (see `eval.vqa_metrics`). `--refs` supplies references from a
 COCO captions file, a VQA annotations file, or a JSON map {id: [reference, ...]}; a line found
 there has its own `references` replaced.
+
+Is the model looking at the image? `--blind PREDS_BLIND.jsonl` (the same questions generated with
+`--blank-images`) adds the blind control and the majority-class baseline (the most frequent answer
+per question type, from `--train-data` or else from the references) per question type, per answer
+class and overall. Closed questions also get a per-answer accuracy table and a confusion matrix
+(`confusion_matrix.png`); `--group-by FIELD` adds accuracy per value of any record field.
+
+    python -m eval.score preds.jsonl --blind preds_blind.jsonl --train-data sets/data_train.json \
+        --group-by label --out runs/mine/report
 """
 from __future__ import annotations
 
@@ -25,8 +34,10 @@ import sys
 from collections.abc import Iterable, Mapping
 
 from eval.caption_metrics import CAPTION_METRICS, score_captions
+from eval.looking import accuracy_by, answer_class, blind_comparison, confusion_matrix, group_of, majority_answers
 from eval.report import write_report
-from eval.vqa_metrics import score_vqa
+from eval.vqa_metrics import is_closed_question, score_vqa
+from llava_tiny.data import load_samples
 
 logger = logging.getLogger("eval.score")
 
@@ -159,7 +170,8 @@ def _check_records(records: list[dict]) -> list[dict]:
 # --- scoring ----------------------------------------------------------------------------------
 
 def score_predictions(records: Iterable[dict], task: str = "auto",
-                      references: Mapping[str, list[str]] | None = None) -> dict:
+                      references: Mapping[str, list[str]] | None = None, blind: Iterable[dict] | None = None,
+                      train: list[dict] | None = None, group_by: Iterable[str] = ()) -> dict:
     """Metrics for prediction records (the lines of an `eval.generate` output).
 
     `task`: "auto" (per line, see `task_of`), "caption" or "vqa". `references`: optional
@@ -168,6 +180,11 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
     `ROUGE_L`, `CIDEr`) plus `caption_tokenization`; VQA `vqa_accuracy`, `closed_accuracy`,
     `open_accuracy`, `per_question_type`, `per_source`; always `counts` and `skipped`
     ({metric or tool: why it was not computed as the toolkit would}).
+
+    VQA questions also get `per_group` ({field: table} for each field of `group_by`) and, for closed
+    questions, `per_answer` and `confusion_matrix` (`eval.looking`). With `blind` (the lines of a
+    `--blank-images` run): `looking`, model vs blind vs majority class per question type, per answer
+    and overall, with the majority answers from `train` (LLaVA samples) or else from the references.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -193,9 +210,27 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
         vqa = score_vqa(questions)
         counts.update(vqa.pop("counts"))
         metrics.update(vqa)
+        metrics.update(_vqa_views(questions, blind, train, group_by))
     metrics["counts"] = counts
     metrics["skipped"] = skipped
     return metrics
+
+
+def _vqa_views(questions: list[dict], blind: Iterable[dict] | None, train: list[dict] | None,
+               group_by: Iterable[str]) -> dict:
+    """Per-group and per-answer tables, the confusion matrix and the blind/majority comparison."""
+    views: dict = {"per_group": {field: accuracy_by(questions, lambda r, f=field: group_of(r, f))
+                                 for field in group_by}}
+    closed = [q for q in questions if is_closed_question(q)]
+    if closed:
+        views["per_answer"] = accuracy_by(closed, answer_class)
+        views["confusion_matrix"] = confusion_matrix(closed)
+    if blind is not None:
+        majority = majority_answers(questions, "question_type", train)
+        views["looking"] = {**blind_comparison(questions, list(blind), majority),
+                            "majority_answers": majority,
+                            "majority_from": "training data" if train is not None else "the references scored"}
+    return views
 
 
 # --- trainer state ----------------------------------------------------------------------------
@@ -230,6 +265,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="trainer_state.json for the loss curve (default: found under --model-path)")
     parser.add_argument("--model-path", "--model_path", default=None,
                         help="model folder to look for trainer_state.json in (default: the predictions' folder)")
+    parser.add_argument("--blind", default=None, metavar="PREDS_BLIND.jsonl",
+                        help="predictions of the same questions with blank images (eval.generate --blank-images): "
+                             "adds the blind control and the majority-class baseline")
+    parser.add_argument("--train-data", "--train_data", default=None,
+                        help="training split (LLaVA JSON): the majority answer per question type comes from it "
+                             "(default: from the references scored)")
+    parser.add_argument("--group-by", "--group_by", action="append", default=[], metavar="FIELD",
+                        help="accuracy per value of this record field (e.g. label, source); repeatable")
     return parser.parse_args(argv)
 
 
@@ -247,12 +290,17 @@ def main(argv=None) -> int:
     try:
         records = load_predictions(args.predictions)
         references = load_references(args.refs) if args.refs else None
-        metrics = score_predictions(records, task=args.task, references=references)
-    except ValueError as err:
+        blind = load_predictions(args.blind) if args.blind else None
+        train = load_samples(args.train_data) if args.train_data else None
+        metrics = score_predictions(records, task=args.task, references=references, blind=blind, train=train,
+                                    group_by=args.group_by)
+    except (OSError, ValueError) as err:
         raise SystemExit(f"eval.score: {err}") from None
     metrics["inputs"] = {"predictions": os.path.abspath(args.predictions),
                          "references": os.path.abspath(args.refs) if args.refs else None,
-                         "trainer_state": os.path.abspath(trainer_state) if trainer_state else None}
+                         "trainer_state": os.path.abspath(trainer_state) if trainer_state else None,
+                         "blind": os.path.abspath(args.blind) if args.blind else None,
+                         "train_data": os.path.abspath(args.train_data) if args.train_data else None}
     written = write_report(metrics, out_dir, trainer_state_path=trainer_state)
 
     for name in CAPTION_METRICS:
@@ -261,6 +309,10 @@ def main(argv=None) -> int:
     for name in ("vqa_accuracy", "closed_accuracy", "open_accuracy"):
         if metrics.get(name) is not None:
             print(f"{name}: {100 * metrics[name]:.2f}%")
+    if "looking" in metrics:
+        overall = metrics["looking"]["overall"]
+        print(f"model {100 * overall['model']:.2f}%, blind control {100 * overall['blind']:.2f}%, "
+              f"majority class {100 * overall['majority']:.2f}% (majority from {metrics['looking']['majority_from']})")
     for name, reason in metrics["skipped"].items():
         print(f"skipped {name}: {reason}")
     print(f"wrote {', '.join(sorted(written))} to {out_dir}")

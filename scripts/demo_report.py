@@ -5,13 +5,14 @@
 
 Per question type: accuracy of the trained model, of the same model with every image blanked
 (the "blind" control), and of always answering the training split's most frequent answer
-(the majority class). A model that looks at the image beats both; a blind model that beats the
-majority class would mean the answers leak through the text.
+(the majority class), all computed by `eval.score` (`--blind`, `--train-data`); this script adds
+the demo's goal for its four question types, the first-loss check and the two summary lines.
+A model that looks at the image beats both baselines; a blind model that beats the majority class
+would mean the answers leak through the text.
 """
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import math
 import os
@@ -20,37 +21,11 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.report import plot_accuracy_bars, plot_loss_curve  # noqa: E402
-from eval.score import load_predictions  # noqa: E402
-from eval.vqa_metrics import normalize_vqa_answer  # noqa: E402
+from eval.score import load_predictions, score_predictions  # noqa: E402
 
 QUESTION_TYPES = ("color", "shape", "count", "presence")
 # The demo's goal: the model reads the picture, and the text alone tells nothing.
 GOAL_MEAN, GOAL_EACH, GOAL_BLIND_MARGIN = 0.80, 0.60, 0.05
-
-
-def _answer(sample: dict) -> str:
-    return sample["conversations"][1]["value"]
-
-
-def per_type_accuracy(records: list[dict]) -> dict[str, float]:
-    """Exact match after VQA normalisation, per question type (captions excluded)."""
-    hits: dict[str, list[bool]] = collections.defaultdict(list)
-    for r in records:
-        if r.get("question_type") in QUESTION_TYPES:
-            refs = {normalize_vqa_answer(x) for x in r["references"]}
-            hits[r["question_type"]].append(normalize_vqa_answer(r["prediction"]) in refs)
-    return {t: sum(h) / len(h) for t, h in sorted(hits.items())}
-
-
-def majority_accuracy(train: list[dict], records: list[dict]) -> dict[str, float]:
-    """Accuracy of always giving the training split's most frequent answer of each type."""
-    counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for s in train:
-        if s.get("question_type") in QUESTION_TYPES:
-            counts[s["question_type"]][normalize_vqa_answer(_answer(s))] += 1
-    majority = {t: c.most_common(1)[0][0] for t, c in counts.items()}
-    as_predictions = [dict(r, prediction=majority.get(r.get("question_type"), "")) for r in records]
-    return per_type_accuracy(as_predictions)
 
 
 def with_mean(table: dict[str, float]) -> dict[str, float]:
@@ -82,14 +57,18 @@ def first_loss_check(trainer_state: dict, vocab_size: int | None) -> dict | None
 
 
 def build_metrics(preds, blind, train, caption_metrics=None, leakage=None, loss=None) -> dict:
-    accuracy = with_mean(per_type_accuracy(preds))
-    blind_accuracy = with_mean(per_type_accuracy(blind))
-    majority = with_mean(majority_accuracy(train, preds))
+    """The demo's figures, from `eval.score`: per question type the model, the blind control and the majority
+    class (from the training split), each with its mean over the four types, and the goal check."""
+    questions = [r for r in preds if r.get("question_type") in QUESTION_TYPES]
+    blind_questions = [r for r in blind if r.get("question_type") in QUESTION_TYPES]
+    by_type = score_predictions(questions, task="vqa", blind=blind_questions, train=train)["looking"]["by_question_type"]
+    accuracy, blind_accuracy, majority = (with_mean({t: row[name] for t, row in by_type.items()})
+                                          for name in ("model", "blind", "majority"))
     metrics = {
         "accuracy": accuracy,
         "blind_accuracy": blind_accuracy,
         "majority_accuracy": majority,
-        "num_questions": {t: sum(1 for r in preds if r.get("question_type") == t) for t in QUESTION_TYPES},
+        "num_questions": {t: sum(1 for r in questions if r["question_type"] == t) for t in QUESTION_TYPES},
         "goal": goal_check(accuracy, blind_accuracy, majority),
     }
     if loss:
