@@ -158,6 +158,24 @@ def test_other_projectors_load_through_registered_model_type(tmp_path, tiny_part
                                    loaded.model.eval()(input_ids=ids, pixel_values=pixels).logits)
 
 
+def test_importing_the_model_package_exports_and_registers_the_model(tmp_path, tiny_parts):
+    """In a fresh process: `import llava_tiny.model` alone is what a user of a `linear` folder needs."""
+    assemble_model(tiny_parts["llm"], tiny_parts["clip"], mm_projector_type="linear").save_pretrained(str(tmp_path / "m"))
+    code = textwrap.dedent("""
+        import sys
+        from transformers import AutoModelForImageTextToText
+        from llava_tiny.model import LlavaTinyConfig, LlavaTinyForCausalLM
+        model = AutoModelForImageTextToText.from_pretrained(sys.argv[1])
+        assert type(model) is LlavaTinyForCausalLM and isinstance(model.config, LlavaTinyConfig)
+        print(model.config.mm_projector_type)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], cwd=root, capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, PYTHONPATH=root))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "linear"
+
+
 def test_projector_builder_rejects_unknown_types():
     assert build_projector("mlp1x_gelu", 8, 16)(torch.zeros(1, 8)).shape == (1, 16)
     with pytest.raises(ValueError, match="unknown mm_projector_type 'mlp2x_relu'"):

@@ -159,6 +159,9 @@ def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if leftover:
         raise RuntimeError(f"assembly left tensors on the meta device: {leftover[:5]}")
+    logger.info("assembled: language model %d + vision tower %d + projector %d = %d parameters (one copy of each)",
+                count_parameters(llm), count_parameters(tower), count_parameters(model.model.multi_modal_projector),
+                count_parameters(model))
     processor = build_processor(image_processor, tokenizer, config, template.name)
     return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, kind="full")
 

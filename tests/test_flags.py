@@ -1,0 +1,89 @@
+"""Flags: every problem reported at once before any model loads, LLaVA flags with no effect named at
+start, --cache_dir reaching every from_pretrained, and train.py runnable as a script."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import required_flags, write_color_dataset
+from llava_tiny.train import train as train_module
+from llava_tiny.train.arguments import FlagError, parse_args
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_flag_problem_is_reported_at_once_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "assemble_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(FlagError) as err:
+        train_module.train(argv=["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"),
+                                 "--image_folder", str(tmp_path / "nowhere"), "--mm_projector_type", "mlp2x_relu",
+                                 "--version", "no_such_template", "--bits", "4", "--tune_mm_mlp_adapter", "True"])
+    message = str(err.value)
+    for expected in ("--vision_tower is required", "--data_path is required", f"--image_folder {tmp_path / 'nowhere'}",
+                     "--mm_projector_type: unknown mm_projector_type 'mlp2x_relu'", "--version: unknown conversation",
+                     "--bits 4 quantizes the LLM"):
+        assert expected in message, message
+    assert not (tmp_path / "out").exists()  # nothing written either
+
+
+def test_a_missing_data_file_is_named_with_its_flag(tmp_path):
+    flags = required_flags(tmp_path)
+    flags[flags.index("--data_path") + 1] = str(tmp_path / "missing.json")
+    with pytest.raises(FlagError, match=f"--data_path {tmp_path / 'missing.json'}: no such file"):
+        parse_args(flags + ["--eval_data_path", str(tmp_path / "missing-eval.json")])
+
+
+def test_flags_with_no_effect_are_named_at_start(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="llava_tiny.train.arguments"):
+        parse_args(required_flags(tmp_path) + ["--lazy_preprocess", "True", "--mpt_attn_impl", "triton"])
+    lines = [r.getMessage() for r in caplog.records if "no effect here" in r.getMessage()]
+    assert lines == ["accepted for compatibility, no effect here: --lazy_preprocess, --mpt_attn_impl"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="llava_tiny.train.arguments"):
+        parse_args(required_flags(tmp_path))
+    assert not [r for r in caplog.records if "no effect here" in r.getMessage()]
+
+
+def _into_hub_cache(folder: str, cache_dir, repo_id: str) -> None:
+    """Lay `folder` out as huggingface_hub caches a download of `repo_id` (what offline mode reads)."""
+    revision = "0" * 40
+    repo = os.path.join(str(cache_dir), "models--" + repo_id.replace("/", "--"))
+    shutil.copytree(folder, os.path.join(repo, "snapshots", revision))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(revision)
+
+
+def test_cache_dir_reaches_every_from_pretrained(tmp_path, tiny_parts, color_data):
+    """Hub ids that exist only in --cache_dir (offline): the run finds the LLM, its tokenizer, the tower
+    and its image processor there, and fails without the flag."""
+    cache = tmp_path / "cache"
+    _into_hub_cache(tiny_parts["llm"], cache, "tiny-org/tiny-llm")
+    _into_hub_cache(tiny_parts["clip"], cache, "tiny-org/tiny-clip")
+    argv = ["--model_name_or_path", "tiny-org/tiny-llm", "--vision_tower", "tiny-org/tiny-clip",
+            "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
+            "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no", "--report_to", "none"]
+    with pytest.raises(OSError):
+        train_module.train(argv=argv + ["--output_dir", str(tmp_path / "without")])
+    train_module.train(argv=argv + ["--output_dir", str(tmp_path / "with"), "--cache_dir", str(cache)])
+    with open(tmp_path / "with" / "trainer_state.json") as f:
+        assert json.load(f)["global_step"] == 1
+
+
+def test_train_py_runs_as_a_script_from_the_repo_root(tmp_path, tiny_parts):
+    env = dict(os.environ, PYTHONPATH="", OMP_NUM_THREADS="1")  # the script finds its package itself
+    script = os.path.join("llava_tiny", "train", "train.py")
+    shown = subprocess.run([sys.executable, script, "--help"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0 and "--model_name_or_path" in shown.stdout and "--cache_dir" in shown.stdout
+    data = write_color_dataset(str(tmp_path), n=4)
+    done = subprocess.run([sys.executable, script, "--model_name_or_path", tiny_parts["llm"], "--vision_tower",
+                           tiny_parts["clip"], "--data_path", data, "--image_folder", str(tmp_path), "--output_dir",
+                           str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--max_steps", "1",
+                           "--save_strategy", "no", "--report_to", "none"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
