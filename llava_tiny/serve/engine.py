@@ -129,9 +129,9 @@ def _settled(text: str, stops: tuple[str, ...]) -> str:
     """The part of a growing answer that later tokens cannot change: trailing spaces may be stripped
     at the end, a half-decoded character ends in U+FFFD, and an ending that begins a stop string may
     turn into it."""
-    text = text.rstrip().rstrip("\ufffd")
+    text = text.rstrip().rstrip("\ufffd").rstrip()
     hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[:len(text) - hold]
+    return text[:len(text) - hold].rstrip()
 
 
 class _Follow(StoppingCriteria):

@@ -112,6 +112,7 @@ def build_demo(answer: Callable[[list[dict]], Iterator[str]], description: str, 
             gr.Examples(examples=list(examples), inputs=box, label="Examples")
         box.submit(respond, [box, chatbot, history], [box, chatbot, history])
         clear.click(lambda: (None, [], []), None, [box, chatbot, history])
+        chatbot.clear(lambda: [], None, history)  # the chatbot's own trash icon forgets the history too
     return demo
 
 
