@@ -1,4 +1,5 @@
-"""Describe split files per split and per source: sizes, turns, answer and token lengths, types.
+"""Describe split files per split and per source: sizes, turns, answer and token lengths, types, the answer
+distribution per question type (majority share) and, with --image-folder, image modes and sizes.
 
     python -m data_tools.stats --data data/sets/data_train.json data/sets/data_val.json \\
         data/sets/data_test.json --out-dir data/stats [--tokenizer DIR --version llava_v1]
@@ -14,6 +15,8 @@ from collections import Counter
 
 import numpy as np
 
+from llava_tiny.checks import SampleChecks, check_samples
+
 from .filter import UNKNOWN_SOURCE, SourceRule
 from .io import add_report_argument, check_output_path, cli_errors, load_samples, sample_images, write_report
 from .token_lengths import length_summary, load_tokenizer, measure_token_lengths
@@ -27,8 +30,31 @@ def _answers(sample: dict) -> list[str]:
     return [t.get("value", "") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
 
 
-def describe(samples: list[dict], token_lengths: dict[int, int] | None = None, indices=None) -> dict:
-    """Counts and length summaries of `samples` (or of the ones at `indices`)."""
+def answer_distribution(samples: list[dict], top: int = 5) -> dict:
+    """Per question type: distinct answers, the most frequent ones and the majority answer's share (what always
+    giving it would score: the bar a model must clear)."""
+    by_type: dict[str, Counter] = {}
+    for sample in samples:
+        answers = _answers(sample)
+        if answers:
+            by_type.setdefault(str(sample.get("question_type", "(none)")), Counter())[answers[0].strip().lower()] += 1
+    return {qtype: {"distinct": len(counts), "top": counts.most_common(top),
+                    "majority_share": round(counts.most_common(1)[0][1] / sum(counts.values()), 4)}
+            for qtype, counts in sorted(by_type.items())}
+
+
+def image_summary(facts) -> dict:
+    """Modes and sizes of the distinct images (`llava_tiny.checks.ImageFacts`), problems counted."""
+    good = [f for f in facts if f.problem is None]
+    return {"images": len(good), "unreadable": len(facts) - len(good),
+            "modes": dict(Counter(f.mode for f in good).most_common()),
+            "sizes": {f"{w}x{h}": n for (w, h), n in Counter(f.size for f in good).most_common(5)}}
+
+
+def describe(samples: list[dict], token_lengths: dict[int, int] | None = None, indices=None,
+             checked: SampleChecks | None = None) -> dict:
+    """Counts, length summaries and answer distributions of `samples` (or of the ones at `indices`); image
+    modes and sizes when `checked` (`llava_tiny.checks.check_samples` of the same samples) is given."""
     indices = range(len(samples)) if indices is None else indices
     chosen = [samples[i] for i in indices]
     images = {p for s in chosen for p in sample_images(s) if isinstance(p, str)}
@@ -44,7 +70,11 @@ def describe(samples: list[dict], token_lengths: dict[int, int] | None = None, i
         "answer_words_histogram": {str(n): c for n, c in sorted(Counter(answer_words).items())},
         "question_types": dict(Counter(str(s.get("question_type", "(none)")) for s in chosen).most_common()),
         "answer_types": dict(Counter(str(s.get("answer_type", "(none)")) for s in chosen).most_common()),
+        "answers": answer_distribution(chosen),
     }
+    if checked is not None:
+        paths = {path for i in indices for path in checked.paths.get(i, [])}
+        row["image_files"] = image_summary([checked.images[path] for path in sorted(paths)])
     if token_lengths is not None:
         row["tokens"] = length_summary([token_lengths[i] for i in indices if i in token_lengths])
     return row
@@ -79,6 +109,23 @@ def markdown_table(stats: dict, with_tokens: bool) -> str:
             cells.append(types)
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def answers_text(stats: dict) -> str:
+    """Per split: the majority answer's share per question type, and the image modes and sizes."""
+    lines = []
+    for split, per_source in stats.items():
+        row = per_source[ALL_SOURCES]
+        for qtype, answers in row["answers"].items():
+            top = ", ".join(f"{answer} {count}" for answer, count in answers["top"])
+            lines.append(f"{split} {qtype}: {answers['distinct']} distinct answers, majority share "
+                         f"{answers['majority_share']:.2f} (top: {top})")
+        if "image_files" in row:
+            files = row["image_files"]
+            modes = ", ".join(f"{mode} {n}" for mode, n in files["modes"].items())
+            lines.append(f"{split} images: {files['images']} ({modes}; sizes {', '.join(files['sizes'])}; "
+                         f"{files['unreadable']} unreadable)")
+    return "\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def plot_histograms(answer_words: dict[str, list[int]], tokens: dict[str, list[int]] | None, path: str) -> None:
@@ -120,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer folder: also measure token lengths as training will")
     parser.add_argument("--version", default="llava_v1", help="conversation template (default llava_v1)")
     parser.add_argument("--num-image-tokens", type=int, default=576, help="placeholders per <image> (default 576)")
+    parser.add_argument("--image-folder", help="also report image modes (RGB, RGBA, L, ...) and sizes, read from "
+                                               "the image headers")
     parser.add_argument("--out-dir", help="write stats.md and stats.png here")
     add_report_argument(parser)
     return parser
@@ -144,15 +193,16 @@ def main(argv=None) -> int:
             lengths = measure_token_lengths(samples, list(range(len(samples))), tokenizer, args.version,
                                             args.num_image_tokens).lengths
             tokens[split] = list(lengths.values())
+        checked = check_samples(samples, image_folder=args.image_folder, images="header") if args.image_folder else None
         by_source: dict[str, list[int]] = {}
         for index, sample in enumerate(samples):
             by_source.setdefault(rule.source_of(sample) or UNKNOWN_SOURCE, []).append(index)
-        stats[split] = {ALL_SOURCES: describe(samples, lengths)}
+        stats[split] = {ALL_SOURCES: describe(samples, lengths, checked=checked)}
         if len(by_source) > 1:  # one source would repeat the (all) row
             for source in sorted(by_source):
-                stats[split][source] = describe(samples, lengths, by_source[source])
+                stats[split][source] = describe(samples, lengths, by_source[source], checked)
         words[split] = [len(a.split()) for s in samples for a in _answers(s)]
-    table = markdown_table(stats, tokenizer is not None)
+    table = markdown_table(stats, tokenizer is not None) + answers_text(stats)
     print(table, end="")
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)

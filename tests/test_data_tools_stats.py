@@ -46,3 +46,23 @@ def test_stats_never_writes_over_an_input(tmp_path, capsys):
     assert stats.main(["--data", str(path), "--out-dir", str(tmp_path)]) == 2
     assert "refusing to write" in capsys.readouterr().err
     assert path.read_bytes() == before
+
+
+def test_answer_distribution_and_image_modes(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGBA", (8, 6)).save(tmp_path / "a.png")
+    Image.new("L", (8, 6)).save(tmp_path / "b.png")
+    samples = [{"id": str(i), "image": "a.png" if i % 2 else "b.png", "question_type": "garment",
+                "conversations": conversation("What is it?", answer)}
+               for i, answer in enumerate(["Coat", "coat", "dress", "coat"])]
+    path = tmp_path / "data_train.json"
+    path.write_text(json.dumps(samples))
+    report = tmp_path / "stats.json"
+    assert stats.main(["--data", str(path), "--image-folder", str(tmp_path), "--report", str(report)]) == 0
+    out = capsys.readouterr().out
+    assert "train garment: 2 distinct answers, majority share 0.75 (top: coat 3, dress 1)" in out
+    assert "train images: 2 (RGBA 1, L 1; sizes 8x6; 0 unreadable)" in out
+    row = json.load(open(report))["stats"]["train"]["(all)"]
+    assert row["answers"]["garment"]["top"] == [["coat", 3], ["dress", 1]]
+    assert row["image_files"]["modes"] == {"RGBA": 1, "L": 1}
