@@ -51,8 +51,28 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
 
 
 def build_trainer(args: RunArguments, attn_implementation: str | None = None) -> LlavaTrainer:
-    """The model (assembled, with the recipe applied), the datasets and the trainer for parsed `args`."""
-    model_args, data_args, training_args = args
+    """The model (with the recipe applied), the datasets and the trainer for parsed `args`."""
+    _, data_args, training_args = args
+    loaded, model, recipe = load_model_for_training(args, attn_implementation)
+
+    def dataset(path):
+        return LazySupervisedDataset(
+            path, loaded.tokenizer, loaded.image_processor, loaded.template, loaded.model.config.image_seq_length,
+            image_folder=data_args.image_folder, image_aspect_ratio=data_args.image_aspect_ratio,
+            image_background=data_args.image_background, model_max_length=training_args.model_max_length,
+            skip_bad_samples=data_args.skip_bad_samples, allow_images_outside_folder=data_args.allow_images_outside_folder,
+            max_bad_sample_fraction=data_args.max_bad_sample_fraction, report_dir=training_args.output_dir)
+
+    return LlavaTrainer(
+        model=model, args=training_args, train_dataset=dataset(data_args.data_path),
+        eval_dataset=dataset(data_args.eval_data_path) if data_args.eval_data_path else None,
+        data_collator=make_data_collator(loaded.tokenizer.pad_token_id, training_args.packing),
+        processing_class=loaded.processor, recipe=recipe)
+
+
+def load_model_for_training(args: RunArguments, attn_implementation: str | None = None):
+    """The starting point, loaded and prepared by its recipe: (the `LoadedModel`, the model to train, the recipe)."""
+    model_args, _, training_args = args
     recipe = make_recipe(model_args, training_args)
     set_seed(training_args.seed)  # the projector's initial weights depend on it
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,20 +93,7 @@ def build_trainer(args: RunArguments, attn_implementation: str | None = None) ->
     run_frozen_tower_without_grad(model)
     if training_args.packing:
         use_packed_attention(model)
-
-    def dataset(path):
-        return LazySupervisedDataset(
-            path, loaded.tokenizer, loaded.image_processor, loaded.template, loaded.model.config.image_seq_length,
-            image_folder=data_args.image_folder, image_aspect_ratio=data_args.image_aspect_ratio,
-            image_background=data_args.image_background, model_max_length=training_args.model_max_length,
-            skip_bad_samples=data_args.skip_bad_samples, allow_images_outside_folder=data_args.allow_images_outside_folder,
-            max_bad_sample_fraction=data_args.max_bad_sample_fraction, report_dir=training_args.output_dir)
-
-    return LlavaTrainer(
-        model=model, args=training_args, train_dataset=dataset(data_args.data_path),
-        eval_dataset=dataset(data_args.eval_data_path) if data_args.eval_data_path else None,
-        data_collator=make_data_collator(loaded.tokenizer.pad_token_id, training_args.packing),
-        processing_class=loaded.processor, recipe=recipe)
+    return loaded, model, recipe
 
 
 def run(trainer: LlavaTrainer, resume_from_checkpoint: str | None = None) -> None:
