@@ -126,6 +126,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, quick_help="a few minutes on a 2-core CPU",
                          smoke_help="tiny shapes, a dozen requests: checks the harness only")
+    parser.add_argument("--rss-bound-mib", type=float, default=1024,
+                        help="fail (exit 1) when the server's peak RSS exceeds this (default 1 GiB, for the CPU shapes)")
     args = parser.parse_args(argv)
     use_cpu_threads(args.threads)
     mode = mode_of(args)
@@ -149,7 +151,10 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)
         print(f"wrote {args.out}")
-    return 0 if load["failed"] == 0 and load["server_alive"] else 1
+    within = load["peak_rss_bytes"] <= args.rss_bound_mib * 2**20
+    if not within:
+        print(f"server peak RSS over the bound of {args.rss_bound_mib:.0f} MiB")
+    return 0 if load["failed"] == 0 and load["server_alive"] and within else 1
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+# The web chat test drives Debian's Chromium through selenium (no browser download works offline);
+# install it when missing and apt is usable, else that one test is skipped and says why.
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -q && apt-get install -y -q chromium chromium-driver; } >/dev/null 2>&1 \
+    || echo "could not install chromium + chromium-driver: the browser test will be skipped"
+fi
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # DeepSpeed compiles its CPU comm op once (~45 s); keep it between runs.
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
