@@ -16,7 +16,11 @@ Errors (the sample cannot be trained on as it is; exit code 1 when there are any
                                  --image-prefix images?")
   image_marker_mismatch          one `<image>` marker per image, no marker without an image
   duplicate_sample               same image(s) and conversation as an earlier sample (--allow-duplicates)
-  too_long                       with --model-max-length: not even the first answer fits
+  too_long                       with --model-max-length: not even the first answer fits (a preference
+                                 pair: the pair does not fit whole)
+  no_prompt, missing_chosen,     preference records (DPO: `prompt`/`messages` + `chosen` + `rejected`): a
+  missing_rejected,              prompt and two different, non-empty answers without `<image>`
+  identical_answers
 Warnings: truncated (trailing turns would be dropped to fit --model-max-length), absolute_image_path
 (inside the image folder, so training accepts it, but the data breaks when the folder moves),
 transparent_image (transparent pixels, composited onto white; `--image_background mean` in training
@@ -100,7 +104,9 @@ def validate_samples(samples: list[dict], image_folder: str | None = None, *, al
         elif first_with_id.setdefault(ids[index], index) != index:
             error(index, "duplicate_id", f"id already used by record {first_with_id[ids[index]]}; expected unique ids")
         if not allow_duplicates:
-            key = json.dumps([sample_images(sample), sample.get("conversations")], sort_keys=True, ensure_ascii=False)
+            key = json.dumps([sample_images(sample), sample.get("conversations"),  # + a preference pair's fields
+                              *(sample.get(k) for k in ("prompt", "messages", "chosen", "rejected"))],
+                             sort_keys=True, ensure_ascii=False)
             first = first_with_content.setdefault(key, index)
             if first != index:
                 error(index, "duplicate_sample", f"same image(s) and conversation as sample {ids[first]!r} "

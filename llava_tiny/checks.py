@@ -11,6 +11,8 @@ live with the code that tokenizes (`conversation.turn_problems`, `conversation.m
     image path inside the folder   image_path_problems    image_outside_folder (warning: absolute_image_path)
     image exists and decodes       inspect_image          missing_image, corrupt_image (warning: transparent_image)
     fits model_max_length          check_length           too_long (warning: truncated, in data_tools.validate)
+    preference pairs (DPO)         preference_problems    no_prompt, missing_chosen, missing_rejected, identical_answers,
+                                                          image_in_answer, image_marker_mismatch (llava_tiny/preference.py)
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from PIL import Image
 
 from .conversation import (IMAGE_TOKEN, ConversationError, SampleTooLongError, marker_problem, tokenize_conversation,
                            turn_problems)
-from .data import sample_id, sample_images
+from .data import is_preference_record, sample_id, sample_images
 from .images import ImagePathError, has_alpha, resolve_image_path
+from .preference import preference_problems, tokenize_preference
 
 WARNING_KINDS = ("absolute_image_path", "transparent_image", "truncated")
 IMAGE_CHECKS = (None, "header", "full")
@@ -67,6 +70,8 @@ def without_sample_name(message: str, sid: str) -> str:
 
 def record_problems(sample: dict) -> list[tuple[str, str]]:
     """(kind, message) for the record alone, no file access: turns, the `image` field, markers vs images."""
+    if is_preference_record(sample):
+        return preference_problems(sample)
     conversations = sample.get("conversations")
     problems = turn_problems(conversations)
     images = sample_images(sample)
@@ -230,7 +235,17 @@ class LengthCheck:
 
 def check_length(sample: dict, sid: str, tokenizer, template: str, num_image_tokens: int,
                  model_max_length: int | None = None) -> LengthCheck:
-    """Tokenize as training does: a sample whose first answer cannot fit is `too_long`."""
+    """Tokenize as training does: a sample whose first answer cannot fit (a preference pair: that does not fit
+    whole) is `too_long`."""
+    if is_preference_record(sample):
+        try:
+            pair = tokenize_preference(sample, tokenizer, template, num_image_tokens, sample_id=sid)
+        except ConversationError as err:
+            return LengthCheck(None, problem=("bad_conversations", without_sample_name(str(err), sid)))
+        too_long = model_max_length is not None and pair.length > model_max_length
+        return LengthCheck(pair.length, problem=("too_long", f"the pair needs {pair.length} tokens but model_max_length "
+                                                             f"is {model_max_length}; a pair is never truncated")
+                           if too_long else None)
     conversations, num_images = sample.get("conversations"), len(sample_images(sample))
     try:
         full = tokenize_conversation(conversations, tokenizer, template, num_image_tokens, num_images=num_images,

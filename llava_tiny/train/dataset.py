@@ -144,16 +144,19 @@ class LazySupervisedDataset(Dataset):
                                        num_images=len(paths), model_max_length=self.model_max_length, sample_id=sid)
         item = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels), "sample_id": sid}
         if paths:
-            images = []
-            for rel in paths:
-                path = resolve_image_path(rel, self.image_folder, self.allow_outside)
-                try:
-                    images.append(load_image(path))
-                except Exception as err:
-                    raise ImageDecodeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
-            item["pixel_values"] = preprocess_images(images, self.image_processor, self.image_aspect_ratio,
-                                                     self.image_background)
+            item["pixel_values"] = self._load_images(paths, sid)
         return item
+
+    def _load_images(self, paths: list[str], sid: str) -> torch.Tensor:
+        """The sample's images as the tower's pixel values; `ImageDecodeError` names the sample and the path."""
+        images = []
+        for rel in paths:
+            path = resolve_image_path(rel, self.image_folder, self.allow_outside)
+            try:
+                images.append(load_image(path))
+            except Exception as err:
+                raise ImageDecodeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
+        return preprocess_images(images, self.image_processor, self.image_aspect_ratio, self.image_background)
 
 
 class CollatorWithSkippedSamples:
