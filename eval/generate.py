@@ -4,7 +4,8 @@
         --image-folder data/imagenes --out runs/lora/preds.jsonl --batch-size 16 --max-new-tokens 64
 
 Writes one JSON line per question: `id`, `image`, `question` (without `<image>`), `prediction`,
-`references`, plus `answer_type` / `question_type` / `source` / `task` when the data has them.
+`references`, plus the sample's other plain fields (`answer_type`, `question_type`, `source`,
+`task`, a converter's `label`, ...), which `eval.score` reads and can group by.
 A sample with several (human, gpt) turns gives one line per turn (`ID#0`, `ID#1`, ...); turn k is
 prompted with the ground-truth turns before it as history.
 
@@ -34,8 +35,10 @@ from llava_tiny.inference import GenerationSettings, build_prompt, generate_batc
 
 logger = logging.getLogger("eval.generate")
 
-# Copied to every line of the sample when present (`task`/`question_type` tell eval.score caption from VQA).
-PASSTHROUGH_FIELDS = ("answer_type", "question_type", "source", "task")
+# A sample's fields not copied to its lines: the line has its own id, image, question and references, and the
+# conversation itself (in any of the reader's formats) is not a label to group by.
+NOT_PASSED_THROUGH = ("id", "image", "conversations", "references", "question", "prediction", "messages", "system",
+                      "text", "prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -97,7 +100,10 @@ def expand_questions(samples: list[dict], image_folder: str | None, allow_outsid
             problems.append(str(err))
             continue
         paths = checked.paths[index]
-        extra = {key: sample[key] for key in PASSTHROUGH_FIELDS if key in sample}
+        # every other field with a plain value (answer_type, question_type, source, task, label, ...), so that
+        # eval.score can tell captions from VQA and group by any of them (--group-by label)
+        extra = {key: value for key, value in sample.items()
+                 if key not in NOT_PASSED_THROUGH and isinstance(value, (str, int, float, bool))}
         seen_markers = 0
         for turn, (question, _) in enumerate(turns):
             seen_markers += question.count(IMAGE_TOKEN)

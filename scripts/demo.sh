@@ -4,6 +4,9 @@
 # blank images) -> scores, plots and a report that says whether the model looks at the image.
 #
 #   bash scripts/demo.sh [--out runs/demo] [--seed 0] [--images 3000] [--steps 2000]
+#   bash scripts/demo.sh --data DATA [--image-folder DIR] [--stratify label] [--group-by FIELD] \
+#        [--image-size 32] --out runs/mine     # your converted data (DATA: a folder with dataset.json,
+#                                              # or a JSON/JSONL file; images relative to its folder)
 #   bash scripts/demo.sh --model_name_or_path TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
 #        --vision_tower openai/clip-vit-large-patch14-336     # GPU: the real two-stage recipe
 #
@@ -11,19 +14,45 @@
 # (tower, projector, LLM) is trained from scratch: the "from-scratch variant".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=runs/demo SEED=0 IMAGES=3000 STEPS=2000 LLM="" TOWER=""
+OUT=runs/demo SEED=0 IMAGES="" STEPS=2000 LLM="" TOWER="" USER_DATA="" IMAGE_FOLDER="" STRATIFY="" GROUP_BY=()
+IMAGE_SIZE=32
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --images) IMAGES=$2; shift 2 ;;
     --steps) STEPS=$2; shift 2 ;;
+    --data) USER_DATA=$2; shift 2 ;;
+    --image-folder) IMAGE_FOLDER=$2; shift 2 ;;
+    --stratify) STRATIFY=$2; shift 2 ;;
+    --group-by) GROUP_BY+=(--group-by "$2"); shift 2 ;;
+    --image-size) IMAGE_SIZE=$2; shift 2 ;;
     --model_name_or_path) LLM=$2; shift 2 ;;
     --vision_tower) TOWER=$2; shift 2 ;;
-    -h|--help) sed -n 2,12p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
+fail() { echo "demo.sh: $*" >&2; exit 2; }
+if [ -n "$USER_DATA" ]; then
+  [ -z "$IMAGES" ] || fail "--images draws the synthetic set; it cannot be combined with --data"
+  if [ -d "$USER_DATA" ]; then
+    DATA_FILE=$(ls "$USER_DATA"/dataset.json "$USER_DATA"/dataset.jsonl 2>/dev/null | head -n 1 || true)
+    [ -n "$DATA_FILE" ] || fail "--data $USER_DATA: no dataset.json or dataset.jsonl in it (python -m data_tools.convert ... --out $USER_DATA/dataset.json writes one)"
+  elif [ -f "$USER_DATA" ]; then
+    DATA_FILE=$USER_DATA
+  else
+    fail "--data $USER_DATA: no such file or folder"
+  fi
+  IMAGE_FOLDER=${IMAGE_FOLDER:-$(dirname "$DATA_FILE")}
+  [ -d "$IMAGE_FOLDER" ] || fail "--image-folder $IMAGE_FOLDER: no such folder"
+elif [ -n "$IMAGE_FOLDER" ]; then
+  fail "--image-folder goes with --data (the synthetic set brings its own images)"
+fi
+IMAGES=${IMAGES:-3000}
+if [ $(( IMAGE_SIZE % 16 )) -ne 0 ] || [ "$IMAGE_SIZE" -lt 16 ]; then
+  fail "--image-size $IMAGE_SIZE: expected a multiple of the tiny tower's 16-px patch (16, 32, 48, ...)"
+fi
 if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
   echo "demo.sh: $OUT is not empty; choose another --out (nothing is overwritten)" >&2; exit 2
 fi
@@ -33,16 +62,27 @@ export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZ
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions} HF_HUB_DISABLE_PROGRESS_BARS=1
 PY=python
 step() { printf '\n== [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
-DATA=$OUT/data SETS=$OUT/data/sets MODEL=$OUT/model
+SETS=$OUT/data/sets MODEL=$OUT/model
+if [ -z "$USER_DATA" ]; then
+  step "1/5 data: synthesize, validate, partition by image"
+  IMAGE_FOLDER=$OUT/data DATA_FILE=$OUT/data/dataset.json
+  $PY -m data_tools.synthesize --out-dir "$IMAGE_FOLDER" --num-images "$IMAGES" --image-size 32 --layout grid \
+    --objects alike --question-types color shape count presence caption --seed "$SEED"
+  STRATIFY=${STRATIFY:-scene}  # every split shows each scene in the same proportion: balanced answers
+else
+  STRATIFY=${STRATIFY:-label}  # what convert imagefolder writes: every class in every split
+  step "1/5 data: validate $DATA_FILE (images in $IMAGE_FOLDER), partition by image"
+fi
+if ! $PY -m data_tools.validate --data "$DATA_FILE" --image-folder "$IMAGE_FOLDER" --report "$OUT/validate_report.json"; then
+  echo "demo.sh: $DATA_FILE has errors (listed above, all in $OUT/validate_report.json): fix them, or drop" \
+       "those samples with python -m data_tools.validate ... --write-clean clean.json and pass --data clean.json" >&2
+  exit 1
+fi
+# Stratified by a field (a missing field is one stratum): each class or scene in every split in proportion.
+$PY -m data_tools.partition --data "$DATA_FILE" --image-folder "$IMAGE_FOLDER" --out-dir "$SETS" --seed "$SEED" \
+  --stratify "$STRATIFY"
 
-step "1/5 data: synthesize, validate, partition by image"
-$PY -m data_tools.synthesize --out-dir "$DATA" --num-images "$IMAGES" --image-size 32 --layout grid \
-  --objects alike --question-types color shape count presence caption --seed "$SEED"
-$PY -m data_tools.validate --data "$DATA/dataset.json" --image-folder "$DATA" --report "$OUT/validate_report.json"
-$PY -m data_tools.partition --data "$DATA/dataset.json" --image-folder "$DATA" --out-dir "$SETS" --seed "$SEED" \
-  --stratify scene  # every split shows each scene in the same proportion: balanced answers
-
-COMMON=(--data_path "$SETS/data_train.json" --eval_data_path "$SETS/data_val.json" --image_folder "$DATA"
+COMMON=(--data_path "$SETS/data_train.json" --eval_data_path "$SETS/data_val.json" --image_folder "$IMAGE_FOLDER"
         --image_aspect_ratio pad --report_to none --seed "$SEED"
         --dataloader_num_workers 1 --logging_steps 25 --logging_first_step True --save_strategy no)
 if [ -z "$LLM" ]; then
@@ -55,8 +95,11 @@ if [ -z "$LLM" ]; then
   # A 0.7M-parameter model gains nothing from a second thread, and two threads fighting the
   # data-loader worker for two cores made each step ~6x slower: one thread, one worker.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size 32 --patch-size 16 \
-    --vision-hidden 64 --vision-layers 2 --seed "$SEED" >/dev/null
+  # On your data the tokenizer learns the training split's own words: an answer is a token, not letters.
+  TOKENIZER_FROM=(); [ -z "$USER_DATA" ] || TOKENIZER_FROM=(--tokenizer-from "$SETS/data_train.json")
+  $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size "$IMAGE_SIZE" \
+    --patch-size 16 --vision-hidden 64 --vision-layers 2 --seed "$SEED" "${TOKENIZER_FROM[@]}" \
+    >/dev/null
   NUM_GPUS=1 ZERO=zero2 MASTER_PORT=${MASTER_PORT:-29511} bash -c 'source scripts/lib/launch.sh; launch "$@"' _ \
     --model_name_or_path "$OUT/base/llm" --vision_tower "$OUT/base/clip" --version tinyllama \
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True \
@@ -65,25 +108,33 @@ if [ -z "$LLM" ]; then
     --eval_strategy steps --eval_steps $(( STEPS / 2 )) "${COMMON[@]}"
 else
   step "2/5 train: the two-stage recipe on real weights ($LLM + $TOWER)"
-  LLM="$LLM" VISION_TOWER="$TOWER" DATA="$SETS/data_train.json" IMAGES="$DATA" OUT="$OUT/stage1" \
+  LLM="$LLM" VISION_TOWER="$TOWER" DATA="$SETS/data_train.json" IMAGES="$IMAGE_FOLDER" OUT="$OUT/stage1" \
     bash scripts/pretrain.sh --num_train_epochs 1 --per_device_train_batch_size 16 --save_strategy no
   LLM="$LLM" VISION_TOWER="$TOWER" PROJECTOR="$OUT/stage1" DATA="$SETS/data_train.json" \
-    EVAL_DATA="$SETS/data_val.json" IMAGES="$DATA" OUT="$MODEL" \
+    EVAL_DATA="$SETS/data_val.json" IMAGES="$IMAGE_FOLDER" OUT="$MODEL" \
     bash scripts/finetune_lora.sh --num_train_epochs 3 --save_strategy no --eval_strategy epoch
 fi
 
 step "3/5 generate on the test split (batched), then the blind control (blank images)"
-$PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$DATA" \
+$PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$IMAGE_FOLDER" \
   --out "$OUT/preds.jsonl" --batch-size 64 --max-new-tokens 24
-$PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$DATA" \
+$PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$IMAGE_FOLDER" \
   --out "$OUT/preds_blind.jsonl" --batch-size 64 --max-new-tokens 24 --blank-images
 
+elapsed() { echo $(( $(date +%s) - start )); }
+if [ -n "$USER_DATA" ]; then
+  step "4/5 score, with the blind control and the majority class (from the training split)"
+  $PY -m eval.score "$OUT/preds.jsonl" --blind "$OUT/preds_blind.jsonl" --train-data "$SETS/data_train.json" \
+    --model-path "$MODEL" "${GROUP_BY[@]}" --out "$OUT"
+  step "5/5 report"
+  echo "report: $OUT/report.md   metrics: $OUT/metrics.json   ($(elapsed)s)"
+  exit 0
+fi
 step "4/5 score"
 $PY -m eval.score "$OUT/preds.jsonl" --out "$OUT/scores" --model-path "$MODEL"
 step "5/5 report"
-elapsed=$(( $(date +%s) - start ))
 $PY scripts/demo_report.py --preds "$OUT/preds.jsonl" --blind-preds "$OUT/preds_blind.jsonl" \
   --train "$SETS/data_train.json" --trainer-state "$MODEL/trainer_state.json" --model-config "$MODEL/config.json" \
   --caption-metrics "$OUT/scores/metrics.json" --leakage "$SETS/leakage_report.json" \
-  --note "Finished in ${elapsed}s (seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"
-echo "report: $OUT/report.md   metrics: $OUT/metrics.json   (${elapsed}s)"
+  --note "Finished in $(elapsed)s (seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"
+echo "report: $OUT/report.md   metrics: $OUT/metrics.json   ($(elapsed)s)"

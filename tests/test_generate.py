@@ -60,7 +60,8 @@ def image_folder(tmp_path_factory):
 
 SAMPLES = [
     {"id": "q1", "image": "red.png", "conversations": _turns(("<image>\nWhat color is it?", "red")),
-     "answer_type": "color", "question_type": "what", "source": "synthetic"},
+     "answer_type": "color", "question_type": "what", "source": "synthetic", "label": "red",
+     "extra": {"not": "plain"}},
     {"id": "q2", "image": "green.png",
      "conversations": _turns(("Describe the picture in detail, with many words about the scene, please.\n<image>",
                               "a green field"))},
@@ -122,7 +123,7 @@ def test_prediction_lines_multi_turn_and_passthrough(loaded, image_folder, tmp_p
     assert list(lines) == ["q1", "q2", "text-only", "chat#0", "chat#1", "chat#2", "refs"]
     assert lines["q1"] == {"id": "q1", "image": "red.png", "question": "What color is it?",
                            "references": ["red"], "answer_type": "color", "question_type": "what",
-                           "source": "synthetic", "prediction": lines["q1"]["prediction"]}
+                           "source": "synthetic", "label": "red", "prediction": lines["q1"]["prediction"]}
     assert lines["q2"]["question"] == "Describe the picture in detail, with many words about the scene, please."
     assert lines["text-only"]["image"] is None and "answer_type" not in lines["text-only"]
     assert lines["chat#1"]["question"] == "And the shape?" and lines["chat#1"]["references"] == ["a square"]

@@ -163,6 +163,9 @@ def _init_cpu_distributed(argv: list[str]) -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     import deepspeed
 
+    from .._quiet import announce_deepspeed_cpu_build
+
+    announce_deepspeed_cpu_build()  # the first CPU run compiles a C++ op (~1 min): say so
     deepspeed.init_distributed(dist_backend="gloo")
 
 
