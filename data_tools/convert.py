@@ -19,7 +19,9 @@ column, else `closed` for yes/no answers, else the closed-set rule: a question a
 times whose distinct answers number at most 20 and at most half the times it is asked (a class
 question) is `closed`, any other `open`. `imagefolder` questions are closed, captions open.
 `question_type` comes from a column (always `caption` for captions), `source` from --source.
-Rows without a question, answer, caption or image are skipped and listed in the report.
+Rows without a question, answer, caption or image are skipped and listed in the report. The
+terminal shows why the most asked questions got their answer type; `--report` lists every
+question (`answer_type_reasons`: question, answer type, times asked, distinct answers, why).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from .converters import (DEFAULT_CLASS_QUESTION, VQA_ROLES, caption_table_record
                          imagefolder_records, vqa_records)
 from .embedded_images import ImageWriter
 from .io import add_report_argument, check_output_path, cli_errors, write_report, write_samples
-from .records import ANSWER_TYPE_CHOICES, CAPTION_PROMPT
+from .records import ANSWER_TYPE_CHOICES, CAPTION_PROMPT, explain_answer_types
 from .tables import DEFAULT_COLUMNS, parse_where, pick_column, read_table
 
 CAPTION_MODES = ("per-image", "per-caption")
@@ -90,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _table_records(args, writer: ImageWriter | None = None) -> tuple[list[dict], list[dict]]:
+def _table_records(args, writer: ImageWriter | None = None) -> tuple[list[dict], list[dict], list[dict] | None]:
     """`vqa`, `captions` and `parquet`: one table reader; parquet without a question column is a caption set.
+    Returns the records, the rows skipped and, for VQA, why each question got its answer type.
 
     With a `writer`, the image column holds embedded images, written to files by it.
     """
@@ -111,8 +114,16 @@ def _table_records(args, writer: ImageWriter | None = None) -> tuple[list[dict],
         columns = {role: getattr(args, f"{role}_column") for role in VQA_ROLES}
         return vqa_records(table, columns, where, args.id_prefix, args.instruction, prefix, args.source,
                            args.answer_type, image_of)
-    return caption_table_records(table, args.image_column, args.caption_column, args.id_column, where,
-                                 args.caption_mode, args.prompt, args.id_prefix, args.source, prefix, image_of)
+    return (*caption_table_records(table, args.image_column, args.caption_column, args.id_column, where,
+                                   args.caption_mode, args.prompt, args.id_prefix, args.source, prefix, image_of), None)
+
+
+def _print_answer_type_reasons(reasons: list[dict], shown: int = 5) -> None:
+    for reason in reasons[:shown]:
+        kind = reason["answer_type"] if isinstance(reason["answer_type"], str) else "mixed"
+        print(f"  {kind}: {reason['question'][:60]!r}: {reason['why']}")
+    if len(reasons) > shown:
+        print(f"  ... {len(reasons) - shown} more questions (all in --report, under answer_type_reasons)")
 
 
 @cli_errors
@@ -121,7 +132,7 @@ def main(argv=None) -> int:
     inputs = args.input if isinstance(args.input, list) else [args.input]
     check_output_path(args.out, inputs)
     check_output_path(args.report, [*inputs, args.out])
-    extra = {}
+    extra, reasons = {}, None
     if args.format == "coco":
         records, skipped = coco_to_records(args.input, args.caption_mode, args.image_prefix, args.prompt,
                                            args.id_prefix, args.source)
@@ -129,16 +140,20 @@ def main(argv=None) -> int:
         records, skipped, classes = imagefolder_records(args.input, args.question, args.image_prefix,
                                                         args.id_prefix, args.source)
         extra = {"classes": classes}
+        reasons = explain_answer_types(records, f"imagefolder: the answer is the image's class folder, one of "
+                                                f"{len(classes)} classes")
         print(f"{len(classes)} classes: {', '.join(classes[:20])}" + (" ..." if len(classes) > 20 else ""))
     elif args.format == "parquet":
         writer = ImageWriter(args.image_folder, args.image_subdir.strip("/"))
-        records, skipped = _table_records(args, writer)
+        records, skipped, reasons = _table_records(args, writer)
         if writer.not_embedded:
             print(f"warning: {writer.not_embedded} rows reference image files instead of embedding them; "
                   "their paths are kept as they are")
         extra = writer.report()
     else:
-        records, skipped = _table_records(args)
+        records, skipped, reasons = _table_records(args)
+    if reasons is None:  # caption sets
+        reasons = explain_answer_types(records, "captions are open")
     write_samples(args.out, records)
     answer_types = dict(sorted(Counter(r["answer_type"] for r in records).items()))
     written = f"; {extra['images_written']} images written to {extra['image_dir']}" if "image_dir" in extra else ""
@@ -146,8 +161,10 @@ def main(argv=None) -> int:
           f"answer types {answer_types}{written}")
     for item in skipped[:10]:
         print(f"  skipped: {item}")
+    _print_answer_type_reasons(reasons)
     write_report(args.report, {"format": args.format, "inputs": inputs, "out": args.out, "samples": len(records),
-                               "answer_types": answer_types, "skipped": skipped, **extra})
+                               "answer_types": answer_types, "answer_type_reasons": reasons, "skipped": skipped,
+                               **extra})
     return 0
 
 

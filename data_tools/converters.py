@@ -37,8 +37,8 @@ def _kept_rows(table: Table, where, id_column: str | None, id_prefix: str):
 
 def vqa_records(table: Table, columns: dict[str, str | None] | None = None, where: list[tuple[str, str]] = (),
                 id_prefix: str = "", instruction: str = "", image_prefix: str = "", source: str | None = None,
-                answer_type: str = "auto", image_of=None) -> tuple[list[dict], list[dict]]:
-    """LLaVA records from the rows of a VQA table, and the rows skipped.
+                answer_type: str = "auto", image_of=None) -> tuple[list[dict], list[dict], list[dict]]:
+    """LLaVA records from the rows of a VQA table, the rows skipped, and why each question got its answer type.
 
     `columns`: role (image, question, answer, answer_type, question_type, id) -> column name the
     user gave (missing: the usual names, see `tables.DEFAULT_COLUMNS`). `image_of(row, number)`
@@ -71,8 +71,8 @@ def vqa_records(table: Table, columns: dict[str, str | None] | None = None, wher
                                    references[0], references, given_type, question_type, source,
                                    extra_fields(row, pick.values())))
     _check_unique_ids(records, label)
-    infer_answer_types(records, answer_type)
-    return records, skipped
+    reasons = infer_answer_types(records, answer_type, pick["answer_type"])
+    return records, skipped, reasons
 
 
 def _check_unique_ids(records: list[dict], label: str) -> None:

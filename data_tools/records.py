@@ -3,7 +3,7 @@ evaluation reads (`references`, `answer_type`, `question_type`, `source`)."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 from .io import DataToolError
 
@@ -44,23 +44,77 @@ def extra_fields(row: dict, used_columns) -> dict:
     return extra
 
 
-def infer_answer_types(records: list[dict], override: str = "auto") -> None:
+def _question_text(record: dict) -> str:
+    return record["conversations"][0]["value"]
+
+
+def _answer_text(record: dict) -> str:
+    return record["conversations"][1]["value"].strip().lower()
+
+
+def _closed_set_rule(asked: int, distinct: int) -> tuple[str, str]:
+    """(answer type, why) for a question asked `asked` times with `distinct` distinct answers."""
+    numbers = f"asked {asked} times, {distinct} distinct answers"
+    if asked < CLOSED_SET_MIN_ASKED:
+        return "open", f"closed-set rule: {numbers}; fewer than {CLOSED_SET_MIN_ASKED} askings tell no fixed set"
+    if distinct > CLOSED_SET_MAX_ANSWERS:
+        return "open", f"closed-set rule: {numbers}; more than {CLOSED_SET_MAX_ANSWERS} distinct answers"
+    if distinct > asked / 2:
+        return "open", f"closed-set rule: {numbers}; more than half as many answers as askings"
+    return "closed", (f"closed-set rule: {numbers} (at least {CLOSED_SET_MIN_ASKED} askings, at most "
+                      f"{CLOSED_SET_MAX_ANSWERS} answers and at most half the askings): a choice among fixed answers")
+
+
+def _grouped(records: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        groups[_question_text(record)].append(record)
+    return groups
+
+
+def _reason(question: str, group: list[dict], why: str) -> dict:
+    types = Counter(r["answer_type"] for r in group)
+    return {"question": question.replace("<image>\n", "").replace("<image>", "").strip(),
+            "answer_type": next(iter(types)) if len(types) == 1 else dict(types),
+            "asked": len(group), "distinct_answers": len({_answer_text(r) for r in group}), "why": why}
+
+
+def explain_answer_types(records: list[dict], why: str) -> list[dict]:
+    """Per distinct question, its answer type and `why` (one reason for all: converters whose type is fixed),
+    most asked first: the shape `infer_answer_types` returns."""
+    reasons = [_reason(q, group, why) for q, group in _grouped(records).items()]
+    return sorted(reasons, key=lambda r: -r["asked"])
+
+
+def infer_answer_types(records: list[dict], override: str = "auto", column: str | None = None) -> list[dict]:
     """Set every record's `answer_type`: `override` when it is closed/open, else the closed-set rule for the
     records still undecided (None): a question asked >= CLOSED_SET_MIN_ASKED times whose distinct answers
-    number <= CLOSED_SET_MAX_ANSWERS and <= half the times it is asked is `closed`, any other `open`."""
+    number <= CLOSED_SET_MAX_ANSWERS and <= half the times it is asked is `closed`, any other `open`.
+
+    Returns why, per distinct question, most asked first: {"question", "answer_type" (or {type: count}
+    when its records differ), "asked", "distinct_answers", "why"}. `column`: the answer-type column
+    the undecided records were read against (named in the reason), if any.
+    """
     if override not in ANSWER_TYPE_CHOICES:
         raise DataToolError(f"--answer-type {override!r}; expected one of {ANSWER_TYPE_CHOICES}")
-    answers: dict[str, list[str]] = defaultdict(list)
-    for record in records:
-        answers[record["conversations"][0]["value"]].append(record["conversations"][1]["value"].strip().lower())
-    for record in records:
+    reasons = []
+    for question, group in _grouped(records).items():
+        undecided = [r for r in group if r.get("answer_type") is None]
         if override != "auto":
-            record["answer_type"] = override
-        elif record.get("answer_type") is None:
-            given = answers[record["conversations"][0]["value"]]
-            distinct = len(set(given))
-            closed = len(given) >= CLOSED_SET_MIN_ASKED and distinct <= min(CLOSED_SET_MAX_ANSWERS, len(given) / 2)
-            record["answer_type"] = "closed" if closed else "open"
+            why = f"--answer-type {override}"
+            for record in group:
+                record["answer_type"] = override
+        elif undecided:
+            answer_type, why = _closed_set_rule(len(group), len({_answer_text(r) for r in group}))
+            for record in undecided:
+                record["answer_type"] = answer_type
+            if len(undecided) < len(group):
+                why += f" ({len(group) - len(undecided)} of its records were given a type already)"
+        else:
+            why = (f"given: the {column!r} column, or a yes/no answer where it is empty" if column
+                   else "given: yes/no answers are closed")
+        reasons.append(_reason(question, group, why))
+    return sorted(reasons, key=lambda r: -r["asked"])
 
 
 def make_record(sid: str, image: str | None, question: str, answer: str, references: list[str],

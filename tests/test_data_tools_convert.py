@@ -240,3 +240,49 @@ def test_case_insensitive_columns_extra_columns_and_closed_set_inference(tmp_pat
     assert [r["answer_type"] for r in json.load(open(few))] == ["open", "closed"]
     assert convert.main(["vqa", "--input", src, "--out", str(few), "--answer-type", "open"]) == 0
     assert {r["answer_type"] for r in json.load(open(few))} == {"open"}
+
+
+def test_report_says_why_each_question_got_its_answer_type(tmp_path, capsys):
+    rows = [[f"{i}.png", "What is shown?", ["Coat", "Dress", "Sandal"][i % 3]] for i in range(12)]
+    rows += [[f"{i}.png", "Describe it.", f"A thing number {i}."] for i in range(12, 22)]  # 10 answers in 10
+    rows += [["22.png", "What colour?", "red"], ["23.png", "What colour?", "red"]]  # asked twice only
+    rows += [["24.png", "Is it a coat?", "yes"]]
+    src = _write_csv(tmp_path / "t.csv", ["image", "question", "answer"], rows)
+    report = tmp_path / "report.json"
+    assert convert.main(["vqa", "--input", src, "--out", str(tmp_path / "t.json"), "--report", str(report)]) == 0
+    reasons = {r["question"]: r for r in json.load(open(report))["answer_type_reasons"]}
+    assert list(reasons) == ["What is shown?", "Describe it.", "What colour?", "Is it a coat?"]  # most asked first
+    shown = reasons["What is shown?"]
+    assert (shown["answer_type"], shown["asked"], shown["distinct_answers"]) == ("closed", 12, 3)
+    assert shown["why"].startswith("closed-set rule: asked 12 times, 3 distinct answers (at least 4 askings")
+    assert reasons["Describe it."]["answer_type"] == "open"
+    assert "10 distinct answers; more than half as many answers as askings" in reasons["Describe it."]["why"]
+    assert "asked 2 times, 1 distinct answers; fewer than 4 askings" in reasons["What colour?"]["why"]
+    assert reasons["Is it a coat?"]["why"] == "given: yes/no answers are closed"
+    printed = capsys.readouterr().out
+    assert "  closed: 'What is shown?': closed-set rule: asked 12 times" in printed
+    # an answer-type column and --answer-type are named as the reason
+    typed = _write_csv(tmp_path / "typed.csv", ["image", "question", "answer", "answer_type"],
+                       [["0.png", "Where?", "left", "CLOSED"], ["1.png", "Where?", "right", ""]])
+    assert convert.main(["vqa", "--input", typed, "--out", str(tmp_path / "u.json"), "--report", str(report)]) == 0
+    (where,) = json.load(open(report))["answer_type_reasons"]
+    assert where["answer_type"] == {"closed": 1, "open": 1}  # the empty cell fell to the rule: asked twice
+    assert where["why"].endswith("(1 of its records were given a type already)")
+    assert convert.main(["vqa", "--input", src, "--out", str(tmp_path / "t.json"), "--report", str(report),
+                         "--answer-type", "open"]) == 0
+    assert {r["why"] for r in json.load(open(report))["answer_type_reasons"]} == {"--answer-type open"}
+
+
+def test_imagefolder_and_caption_reports_say_why_too(tmp_path):
+    for name in ("Coat", "Sandal"):
+        (tmp_path / "photos" / name).mkdir(parents=True)
+        distinct_image(len(name)).save(tmp_path / "photos" / name / "a.png")
+    report = tmp_path / "report.json"
+    assert convert.main(["imagefolder", "--input", str(tmp_path / "photos"), "--out", str(tmp_path / "p.json"),
+                         "--report", str(report)]) == 0
+    assert json.load(open(report))["answer_type_reasons"] == [
+        {"question": "What is in the image?", "answer_type": "closed", "asked": 2, "distinct_answers": 2,
+         "why": "imagefolder: the answer is the image's class folder, one of 2 classes"}]
+    src = _write_csv(tmp_path / "c.csv", ["image", "caption"], [["a.png", "A coat."], ["b.png", "A sandal."]])
+    assert convert.main(["captions", "--input", src, "--out", str(tmp_path / "c.json"), "--report", str(report)]) == 0
+    assert [r["why"] for r in json.load(open(report))["answer_type_reasons"]] == ["captions are open"]
