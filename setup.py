@@ -31,7 +31,8 @@ setup(
         # The OpenAI-compatible API and the web chat (llava_tiny.serve); `openai` is the web chat's
         # client for --api-url.
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "gradio>=5", "openai>=1.0", "httpx"],
-        # selenium drives the system Chromium in the web chat test (no browser download here).
-        "dev": ["pytest", "hypothesis", "pytest-timeout", "selenium"],
+        # selenium drives the system Chromium in the web chat test (no browser download here); trl is the
+        # DPO tests' oracle (tests/test_dpo_loss.py).
+        "dev": ["pytest", "hypothesis", "pytest-timeout", "selenium", "trl>=1.16,<2"],
     },
 )

@@ -76,6 +76,10 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds another run."})
     skip_nan_steps: bool = field(default=False, metadata={"help": "On a NaN/inf loss, skip the step and count it instead of stopping."})
 
+    def own_flag_problems(self, model_args, data_args) -> list[str]:
+        """Problems with the flags a subclass adds (`train_dpo.DPOTrainingArguments`), reported with the rest."""
+        return []
+
 
 class RunArguments(NamedTuple):
     """The parsed flags of one run (unpacks as `model_args, data_args, training_args`)."""
@@ -237,15 +241,18 @@ def flag_problems(model_args, data_args, training_args) -> list[str]:
     return problems
 
 
-def parse_args(argv: list[str] | None = None) -> RunArguments:
-    """Parse LLaVA-style flags into (model, data, training) arguments; `FlagError` lists every problem."""
+def parse_args(argv: list[str] | None = None, training_class: type | None = None) -> RunArguments:
+    """Parse LLaVA-style flags into (model, data, training) arguments; `FlagError` lists every problem.
+
+    `training_class`: a `TrainingArguments` subclass with more flags (DPO's), checked by its `own_flag_problems`."""
     argv = _adapt_precision_flags(_normalise_argv(list(sys.argv[1:] if argv is None else argv)))
     if not _on_gpu() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
         argv += ["--use_cpu", "True"]  # must be set when TrainingArguments is created (world size)
     _init_cpu_distributed(argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, training_class or TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     problems = flag_problems(model_args, data_args, training_args)
+    problems += training_args.own_flag_problems(model_args, data_args)
     if problems:
         raise FlagError("invalid flags:\n" + "\n".join(f"  {p}" for p in problems))
     unused = [flag for flag in NO_EFFECT_FLAGS if any(a.split("=")[0] == flag for a in argv)]

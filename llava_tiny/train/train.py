@@ -35,9 +35,10 @@ from llava_tiny.train.trainer import LlavaTrainer  # noqa: E402
 logger = logging.getLogger("llava_tiny.train")
 
 
-def train(attn_implementation: str | None = None, argv: list[str] | None = None) -> None:
-    """Run one training job from LLaVA-style command-line flags."""
-    args = parse_args(argv)  # every flag problem at once, before any model loads
+def train(attn_implementation: str | None = None, argv: list[str] | None = None, training_class=None,
+          build=None) -> None:
+    """Run one training job from LLaVA-style command-line flags (`train_dpo.py` passes its flags and trainer)."""
+    args = parse_args(argv, training_class)  # every flag problem at once, before any model loads
     _setup_logging(args.training)
     resume = prepare_run_dir(*args)  # the same command resumes an interrupted run
     if resume and not args.training.resume_from_checkpoint and saved_at_last_step(resume):
@@ -46,28 +47,34 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None)
             finish_from_last_step(resume, args.training.output_dir, args.training.load_best_model_at_end)
         logger.info("%s is the last step of this run: wrote the final model from it", resume)
         return
-    trainer = build_trainer(args, attn_implementation)
+    trainer = (build or build_trainer)(args, attn_implementation)
     run(trainer, resume)
 
 
 def build_trainer(args: RunArguments, attn_implementation: str | None = None) -> LlavaTrainer:
     """The model (with the recipe applied), the datasets and the trainer for parsed `args`."""
-    _, data_args, training_args = args
+    training_args = args.training
     loaded, model, recipe = load_model_for_training(args, attn_implementation)
+    train_dataset, eval_dataset = make_datasets(loaded, args)
+    return LlavaTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=make_data_collator(loaded.tokenizer.pad_token_id, training_args.packing),
+        processing_class=loaded.processor, recipe=recipe)
+
+
+def make_datasets(loaded, args: RunArguments, dataset_class=LazySupervisedDataset):
+    """The training and eval (None without --eval_data_path) datasets of `dataset_class` for `args`."""
+    _, data_args, training_args = args
 
     def dataset(path):
-        return LazySupervisedDataset(
+        return dataset_class(
             path, loaded.tokenizer, loaded.image_processor, loaded.template, loaded.model.config.image_seq_length,
             image_folder=data_args.image_folder, image_aspect_ratio=data_args.image_aspect_ratio,
             image_background=data_args.image_background, model_max_length=training_args.model_max_length,
             skip_bad_samples=data_args.skip_bad_samples, allow_images_outside_folder=data_args.allow_images_outside_folder,
             max_bad_sample_fraction=data_args.max_bad_sample_fraction, report_dir=training_args.output_dir)
 
-    return LlavaTrainer(
-        model=model, args=training_args, train_dataset=dataset(data_args.data_path),
-        eval_dataset=dataset(data_args.eval_data_path) if data_args.eval_data_path else None,
-        data_collator=make_data_collator(loaded.tokenizer.pad_token_id, training_args.packing),
-        processing_class=loaded.processor, recipe=recipe)
+    return dataset(data_args.data_path), dataset(data_args.eval_data_path) if data_args.eval_data_path else None
 
 
 def load_model_for_training(args: RunArguments, attn_implementation: str | None = None):
