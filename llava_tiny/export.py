@@ -13,10 +13,11 @@ import os
 import sys
 
 import torch
-from transformers import AutoModelForImageTextToText, LlavaForConditionalGeneration
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, LlavaForConditionalGeneration
 
 from .inference import probe_inputs
 from .model.builder import load_pretrained_model
+from .model import image_seq_length
 from .model.checkpoints import checkpoint_kind
 from .model.projector import is_stock_llava_projector
 
@@ -121,20 +122,22 @@ def export_checkpoint(model_path: str, save_path: str, model_base: str | None = 
     dtype = recorded_dtype(model_path) if save_dtype == "auto" else DTYPES[save_dtype]
     loaded = load_pretrained_model(model_path, model_base=model_base, device="cpu", dtype=torch.float32,
                                    merge_lora=True)
-    note = stock_llava_note(loaded.model.config.mm_projector_type)
+    vision = bool(image_seq_length(loaded.model))
+    note = stock_llava_note(loaded.model.config.mm_projector_type) if vision else None
     if note:
         logger.warning(note)
     loaded.model.to(dtype)
     loaded.save_pretrained(save_path)
-    result = {"kind": loaded.kind, "model_type": "llava" if note is None else "llava_tiny", "stock": note is None,
-              "max_difference": None}
+    model_type = loaded.model.config.model_type if not vision else "llava" if note is None else "llava_tiny"
+    result = {"kind": loaded.kind, "model_type": model_type, "stock": note is None, "max_difference": None}
     if not verify:
         return result
     # Compare in float32 against the saved (possibly rounded) weights: upcasting them is exact.
     loaded.model.to(torch.float32)
     probe = probe_inputs(loaded)
-    reloaded = AutoModelForImageTextToText.from_pretrained(save_path, dtype=torch.float32).eval()
-    if note is None and type(reloaded) is not LlavaForConditionalGeneration:
+    auto_class = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    reloaded = auto_class.from_pretrained(save_path, dtype=torch.float32).eval()
+    if vision and note is None and type(reloaded) is not LlavaForConditionalGeneration:
         raise ExportMismatchError(f"{save_path} loads as {type(reloaded).__name__}, not LlavaForConditionalGeneration")
     with torch.no_grad():
         expected = loaded.model(**probe).logits

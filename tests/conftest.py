@@ -53,11 +53,20 @@ def write_color_dataset(root, n=16, size=40, text_only=0, seed=0):
 
 
 def required_flags(tmp_path) -> list[str]:
-    """The flags every training run needs, pointing at an (empty) data file: for parse_args tests."""
-    data = os.path.join(str(tmp_path), "flags-data.json")
+    """The flags every training run needs, pointing at an (empty) data file and a folder that reads as a
+    language model (its files, not its weights): for parse_args tests."""
+    import json
+
+    from safetensors.torch import save_file
+
+    data, llm = os.path.join(str(tmp_path), "flags-data.json"), os.path.join(str(tmp_path), "flags-llm")
     with open(data, "w") as f:
         f.write("[]")
-    return ["--model_name_or_path", "m", "--vision_tower", "t", "--data_path", data,
+    os.makedirs(llm, exist_ok=True)
+    with open(os.path.join(llm, "config.json"), "w") as f:
+        json.dump({"model_type": "llama"}, f)
+    save_file({}, os.path.join(llm, "model.safetensors"))
+    return ["--model_name_or_path", llm, "--vision_tower", "t", "--data_path", data,
             "--output_dir", os.path.join(str(tmp_path), "out")]
 
 

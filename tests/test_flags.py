@@ -16,13 +16,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_flag_problem_is_reported_at_once_before_any_model_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_module, "assemble_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train_module, "load_starting_point", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(FlagError) as err:
         train_module.train(argv=["--model_name_or_path", "m", "--output_dir", str(tmp_path / "out"),
                                  "--image_folder", str(tmp_path / "nowhere"), "--mm_projector_type", "mlp2x_relu",
                                  "--version", "no_such_template", "--bits", "4", "--tune_mm_mlp_adapter", "True"])
     message = str(err.value)
-    for expected in ("--vision_tower is required", "--data_path is required", f"--image_folder {tmp_path / 'nowhere'}",
+    for expected in ("--model_name_or_path m: ", "--data_path is required", f"--image_folder {tmp_path / 'nowhere'}",
                      "--mm_projector_type: unknown mm_projector_type 'mlp2x_relu'", "--version: unknown conversation",
                      "--bits 4 quantizes the LLM"):
         assert expected in message, message
@@ -66,7 +66,7 @@ def test_cache_dir_reaches_every_from_pretrained(tmp_path, tiny_parts, color_dat
     argv = ["--model_name_or_path", "tiny-org/tiny-llm", "--vision_tower", "tiny-org/tiny-clip",
             "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
             "--per_device_train_batch_size", "2", "--max_steps", "1", "--save_strategy", "no", "--report_to", "none"]
-    with pytest.raises(OSError):
+    with pytest.raises(FlagError, match="--model_name_or_path tiny-org/tiny-llm: .*couldn't find them in the cached"):
         train_module.train(argv=argv + ["--output_dir", str(tmp_path / "without")])
     train_module.train(argv=argv + ["--output_dir", str(tmp_path / "with"), "--cache_dir", str(cache)])
     with open(tmp_path / "with" / "trainer_state.json") as f:

@@ -1,172 +1,148 @@
-"""Assemble a LLaVA from pretrained parts, and load any checkpoint kind back (LLaVA's `load_pretrained_model`).
+"""Load any checkpoint a user has, deciding what it is from its files (LLaVA's `load_pretrained_model`).
 
-Assembly never builds a second language model: the LLaVA shell is created on the meta device
-and the pretrained LLM and vision tower are attached to it (the "ghost model" of many LLaVA
-forks is a random LLM left inside the wrapper, 2.8B parameters instead of 1.5B).
+    full            a LLaVA: stock transformers (llava-hf/*) or this project's full/merged/exported folders
+    text            a causal LM (text-only)
+    lora            this project's LoRA folder (a VLM or a text model underneath), or LLaVA's own
+                    (converted to safetensors): rebuilt from its base, adapter applied
+    projector       a stage-1 folder: rebuilt from its base parts, projector loaded
+    llava_original  LLaVA's own layout (`llava_original.py`): LLM from its weights, tower from mm_vision_tower
+
+`load_checkpoint` gives the model as training starts from it; `load_pretrained_model` puts it on a
+device in eval mode, for inference.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlavaProcessor
-from transformers.integrations import deepspeed as hf_deepspeed
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-from ..conversation import IMAGE_TOKEN, chat_template_jinja, get_template, prepare_tokenizer
-from .checkpoints import checkpoint_kind, load_non_lora_trainables, load_projector_weights, read_config, save_checkpoint
-from .modeling import LlavaTinyConfig, LlavaTinyForCausalLM
-from .projector import build_projector
-from .vision import VISION_FAMILIES, default_select_strategy, load_vision_tower, num_image_tokens, vision_family
-
-logger = logging.getLogger(__name__)
-
-_dtype_logged = False
+from ..conversation import prepare_tokenizer
+from .assembly import (LoadedModel, _resize_embeddings, assemble_model, attach_vision, build_processor,  # noqa: F401
+                       count_parameters, load_text_model, resolve_dtype)
+from .checkpoints import (ADAPTER_CONFIG, checkpoint_kind, load_non_lora_trainables, load_projector_weights, read_config,
+                          read_json)
+from .llava_original import projector_state, text_config_dict
+from .modeling import LlavaTinyForCausalLM
 
 
-def resolve_dtype(device: str | torch.device | None = None, requested: torch.dtype | None = None) -> torch.dtype:
-    """The one dtype policy: fp32 on CPU; bf16 on a GPU that has it, fp16 otherwise. Logged once."""
-    global _dtype_logged
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if requested is not None and device.type == "cpu" and requested != torch.float32:
-        logger.info("dtype %s requested on CPU: using float32 (CPU kernels for half types are slow)", requested)
-        requested = torch.float32
-    if requested is None:
-        if device.type == "cuda":
-            requested = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            requested = torch.float32
-    if not _dtype_logged:
-        logger.info("model dtype: %s on %s", str(requested).replace("torch.", ""), device.type)
-        _dtype_logged = True
-    return requested
+# Stock transformers writes LLaVA folders in its older key layout; the renames of its own "llava"
+# conversion mapping (keys already in the current layout match none of them).
+STOCK_KEY_LAYOUT = {r"^language_model\.model\.": "model.language_model.", r"^language_model\.lm_head\.": "lm_head.",
+                    r"^vision_tower\.": "model.vision_tower.", r"^multi_modal_projector\.": "model.multi_modal_projector."}
 
 
-def count_parameters(module: torch.nn.Module) -> int:
-    """Parameters counted once each (tied weights are one parameter)."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+def load_pretrained_model(model_path: str, model_base: str | None = None, device: str | None = None,
+                          dtype: torch.dtype | None = None, merge_lora: bool = True,
+                          trust_remote_code: bool = False) -> LoadedModel:
+    """Load any checkpoint kind (see the module docstring) on `device`, in eval mode."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_checkpoint(model_path, model_base, dtype=dtype or resolve_dtype(device), merge_lora=merge_lora,
+                             trust_remote_code=trust_remote_code)
+    loaded.model.to(device).eval()
+    return loaded
 
 
-@contextlib.contextmanager
-def _gathered(params):
-    """Full parameters under ZeRO-3 (partitioned at load), for an edit on rank 0; a no-op otherwise."""
-    if hf_deepspeed.is_deepspeed_zero3_enabled():
-        import deepspeed
+def load_checkpoint(model_path: str, model_base: str | None = None, dtype: torch.dtype | None = None,
+                    merge_lora: bool = True, version: str | None = None, vision_tower: str | None = None,
+                    attn_implementation: str | None = None, quantization_config=None,
+                    trust_remote_code: bool = False, cache_dir: str | None = None) -> LoadedModel:
+    """The model in `model_path` as training starts from it: nothing re-initialised.
 
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-            yield
-    else:
-        yield
-
-
-@contextlib.contextmanager
-def _without_zero3_init():
-    """The meta-device shell must not go through ZeRO-3's partitioned init (its parts are replaced)."""
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed._hf_deepspeed_config_weak_ref = None
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
-def _resize_embeddings(llm, vocab_size: int) -> None:
-    """Grow the LLM's vocabulary for added tokens; new rows are the mean row (deterministic, so a
-    LoRA checkpoint rebuilt from the same base gets the same rows)."""
-    old = llm.get_input_embeddings().weight.ds_shape[0] if hasattr(llm.get_input_embeddings().weight, "ds_shape") \
-        else llm.get_input_embeddings().weight.shape[0]
-    if vocab_size <= old:
-        return
-    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
-    embeddings = {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}
-    with _gathered([m.weight for m in embeddings.values()]), torch.no_grad():
-        for emb in embeddings.values():
-            emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
-
-
-def build_processor(image_processor, tokenizer, config: LlavaTinyConfig, template: str) -> LlavaProcessor:
-    """A stock `LlavaProcessor` that expands `<image>` exactly as training does."""
-    has_cls = VISION_FAMILIES[vision_family(config.vision_config)][1]
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=chat_template_jinja(template), image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1 if has_cls else 0)
-
-
-@dataclass
-class LoadedModel:
-    model: LlavaTinyForCausalLM
-    tokenizer: object
-    processor: LlavaProcessor
-    kind: str  # "full", "projector", "lora" (checkpoints.py)
-
-    @property
-    def image_processor(self):
-        return self.processor.image_processor
-
-    @property
-    def template(self) -> str:
-        return self.model.config.conversation_template
-
-    def save_pretrained(self, save_dir: str) -> None:
-        """Save as a full checkpoint (a LoRA checkpoint when the model is an unmerged `PeftModel`)."""
-        kind = "lora" if hasattr(self.model, "get_base_model") else "full"
-        save_checkpoint(kind, self.model, self.processor, save_dir)
-
-
-def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type: str = "mlp2x_gelu",
-                   mm_vision_select_layer: int = -2, vision_select_strategy: str | None = None,
-                   version: str = "llava_v1", dtype: torch.dtype | None = None, attn_implementation: str | None = None,
-                   quantization_config=None, trust_remote_code: bool = False,
-                   cache_dir: str | None = None) -> LoadedModel:
-    """Build a LLaVA from a pretrained causal LM and a pretrained CLIP/SigLIP tower, with no ghost.
-
-    The parameter count equals LLM (after adding `<image>` and template tokens) + tower + projector.
+    `version` replaces the recorded template; `vision_tower` is LLaVA's-layout tower when its
+    config names none (other kinds carry their own tower).
     """
     dtype = dtype or resolve_dtype()
-    template = get_template(version)
-    hub = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}  # for every from_pretrained
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub)
-    prepare_tokenizer(tokenizer, template)
-    llm = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, attn_implementation=attn_implementation,
-                                               quantization_config=quantization_config, **hub)
-    _resize_embeddings(llm, len(tokenizer))
-    tower, image_processor = load_vision_tower(vision_tower, dtype=dtype, **hub)
-    strategy = vision_select_strategy or default_select_strategy(tower.config)
-    config = LlavaTinyConfig(
-        text_config=llm.config, vision_config=tower.config, mm_projector_type=mm_projector_type,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=num_image_tokens(tower.config, strategy), vision_feature_layer=mm_vision_select_layer,
-        vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
-        mm_llm_path=str(model_name_or_path), mm_vision_tower=str(vision_tower),
-        conversation_template=template.name)
-    with torch.device("meta"), _without_zero3_init():
-        model = LlavaTinyForCausalLM(config)
-    model.model.language_model = llm.model
-    model.lm_head = llm.lm_head
-    model.model.vision_tower = tower
-    model.model.multi_modal_projector = build_projector(
-        mm_projector_type, tower.config.hidden_size, llm.config.hidden_size).to(dtype)
-    if model.config.text_config.tie_word_embeddings:
-        model.lm_head.weight = model.model.language_model.get_input_embeddings().weight
-    model.config.dtype = dtype
+    options = {"dtype": dtype, "attn_implementation": attn_implementation, "quantization_config": quantization_config,
+               "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
+    kind = checkpoint_kind(model_path) if os.path.isdir(model_path) else "text"  # not a folder: a hub LLM id
+    if kind == "full":
+        loaded = _load_llava(model_path, version, **options)
+    elif kind == "text":
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        loaded = load_text_model(model_path, version or getattr(config, "conversation_template", "llava_v1"),
+                                 image_token=False, **options)
+    elif kind == "llava_original":
+        loaded = _load_llava_original(model_path, version, vision_tower, **options)
+    else:  # lora, projector: rebuilt from the base they were trained from
+        loaded = _load_on_base(kind, model_path, model_base, merge_lora, version, options)
+    loaded.kind = kind
+    return loaded
+
+
+def _load_llava(path: str, version: str | None, attn_implementation=None, **options) -> LoadedModel:
+    config = read_config(path)
+    config.conversation_template = version or config.conversation_template
+    model = LlavaTinyForCausalLM.from_pretrained(path, config=config, dtype=options["dtype"], key_mapping=STOCK_KEY_LAYOUT,
+                                                 quantization_config=options["quantization_config"],
+                                                 trust_remote_code=options["trust_remote_code"],
+                                                 cache_dir=options["cache_dir"])
     if attn_implementation:
-        # The LLaVA shell re-resolves its sub-configs to the default; give the LLM what was asked for.
         model.set_attn_implementation({"text_config": attn_implementation})
-    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if leftover:
-        raise RuntimeError(f"assembly left tensors on the meta device: {leftover[:5]}")
-    logger.info("assembled: language model %d + vision tower %d + projector %d = %d parameters (one copy of each)",
-                count_parameters(llm), count_parameters(tower), count_parameters(model.model.multi_modal_projector),
-                count_parameters(model))
-    processor = build_processor(image_processor, tokenizer, config, template.name)
-    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, kind="full")
+    hub = {"trust_remote_code": options["trust_remote_code"], "cache_dir": options["cache_dir"]}
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+    prepare_tokenizer(tokenizer, config.conversation_template)
+    _resize_embeddings(model, len(tokenizer))
+    # The processor's chat template is rebuilt from the template this model trains and answers with.
+    processor = build_processor(AutoImageProcessor.from_pretrained(path, **hub), tokenizer, config,
+                                config.conversation_template)
+    return LoadedModel(model, tokenizer, processor, "full")
 
 
-def _base_parts(config: LlavaTinyConfig, model_base: str | None, path: str) -> tuple[str, str]:
+def _load_llava_original(path: str, version: str | None, vision_tower: str | None, **options) -> LoadedModel:
+    """LLaVA's layout: the LLM loads from the folder's weights as its base type (the mm_projector keys are
+    left out), the tower from `mm_vision_tower`, the projector from the mapped `model.mm_projector.*`."""
+    original = read_json(os.path.join(path, "config.json"))
+    tower = vision_tower or original.get("mm_vision_tower")
+    if not tower:
+        raise ValueError(f"{path}: LLaVA's config names no mm_vision_tower; pass --vision_tower")
+    text = text_config_dict(original)
+    config = AutoConfig.for_model(text.pop("model_type"), **text)
+    loaded = load_text_model(path, version or "llava_v1", config=config, **options)
+    strategy = "full" if original.get("mm_vision_select_feature") == "cls_patch" else None
+    loaded = attach_vision(loaded, tower, original.get("mm_projector_type", "linear"),
+                           original.get("mm_vision_select_layer", -2), strategy, llm_path=path,
+                           attn_implementation=options["attn_implementation"],
+                           trust_remote_code=options["trust_remote_code"], cache_dir=options["cache_dir"])
+    projector = loaded.model.model.multi_modal_projector
+    projector.load_state_dict({k: v.to(options["dtype"]) for k, v in projector_state(path).items()}, strict=True)
+    loaded.model.config.mm_base_model = path
+    return loaded
+
+
+def _load_on_base(kind: str, path: str, model_base: str | None, merge_lora: bool, version: str | None,
+                  options: dict) -> LoadedModel:
+    config = read_json(os.path.join(path, "config.json"))
+    if config.get("model_type") not in ("llava", "llava_tiny"):  # a text-only LoRA
+        base = model_base or config.get("mm_base_model") or \
+            read_json(os.path.join(path, ADAPTER_CONFIG)).get("base_model_name_or_path")
+        loaded = load_checkpoint(base, version=version or config.get("conversation_template", "llava_v1"), **options)
+    else:
+        recorded = read_config(path)
+        if recorded.mm_base_model and not model_base:
+            loaded = load_checkpoint(recorded.mm_base_model, version=version or recorded.conversation_template,
+                                     **options)
+        else:
+            llm, tower = _base_parts(recorded, model_base, path)
+            loaded = assemble_model(llm, tower, mm_projector_type=recorded.mm_projector_type,
+                                    mm_vision_select_layer=recorded.vision_feature_layer,
+                                    vision_select_strategy=recorded.vision_feature_select_strategy,
+                                    version=version or recorded.conversation_template, **options)
+        loaded.model.config.mm_base_model = recorded.mm_base_model
+    if kind == "projector":
+        load_projector_weights(loaded.model, path)
+        return loaded
+    from peft import PeftModel  # the [train] extra
+
+    load_non_lora_trainables(loaded.model, path)
+    peft_model = PeftModel.from_pretrained(loaded.model, path)
+    loaded.model = peft_model.merge_and_unload() if merge_lora else peft_model
+    if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
+        loaded.tokenizer = AutoTokenizer.from_pretrained(path)
+    return loaded
+
+
+def _base_parts(config, model_base: str | None, path: str) -> tuple[str, str]:
     llm = model_base or config.mm_llm_path
     tower = config.mm_vision_tower
     missing = [name for name, value in (("language model (--model-base)", llm), ("vision tower", tower)) if not value]
@@ -174,44 +150,3 @@ def _base_parts(config: LlavaTinyConfig, model_base: str | None, path: str) -> t
         raise ValueError(f"{path} needs its base parts to load, but {', '.join(missing)} is not known: "
                          "pass --model-base or use a folder saved by this project")
     return llm, tower
-
-
-def load_pretrained_model(model_path: str, model_base: str | None = None, device: str | None = None,
-                          dtype: torch.dtype | None = None, merge_lora: bool = True,
-                          trust_remote_code: bool = False) -> LoadedModel:
-    """Load any checkpoint this project writes, deciding what it is from its files (`checkpoints.py`).
-
-    - full model: stock `llava` or `llava_tiny` model_type;
-    - LoRA: base LLM + tower rebuilt (from `model_base` or the paths recorded in `config.json`),
-      non-LoRA trainables loaded, adapter applied (merged unless `merge_lora=False`);
-    - stage-1 projector: base parts rebuilt, projector loaded.
-    """
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or resolve_dtype(device)
-    kind = checkpoint_kind(model_path)
-    config = read_config(model_path)
-    if kind == "full":
-        model = LlavaTinyForCausalLM.from_pretrained(model_path, config=config, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        processor = AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        return LoadedModel(model.to(device).eval(), tokenizer, processor, kind)
-
-    llm_path, tower_path = _base_parts(config, model_base, model_path)
-    loaded = assemble_model(llm_path, tower_path, mm_projector_type=config.mm_projector_type,
-                            mm_vision_select_layer=config.vision_feature_layer,
-                            vision_select_strategy=config.vision_feature_select_strategy,
-                            version=config.conversation_template, dtype=dtype, trust_remote_code=trust_remote_code)
-    if kind == "projector":
-        load_projector_weights(loaded.model, model_path)
-    else:
-        from peft import PeftModel  # the [train] extra
-
-        load_non_lora_trainables(loaded.model, model_path)
-        peft_model = PeftModel.from_pretrained(loaded.model, model_path)
-        loaded.model = peft_model.merge_and_unload() if merge_lora else peft_model
-    loaded.model.to(device).eval()
-    loaded.kind = kind
-    if os.path.isfile(os.path.join(model_path, "tokenizer_config.json")):
-        loaded.tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return loaded

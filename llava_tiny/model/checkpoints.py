@@ -2,11 +2,13 @@
 
     full       model.safetensors (or shards) + config.json + tokenizer/processor
                (stock `LlavaForConditionalGeneration` loads it when the projector is mlp2x_gelu)
+    text       a causal LM (text-only runs): model.safetensors + config.json + tokenizer
     lora       adapter_config.json + adapter_model.safetensors (peft) + non_lora_trainables.safetensors
                (every other trained weight: the projector, the tower when tuned) + config.json + processor
     projector  mm_projector.safetensors (stage 1) + config.json (recording the base parts) + processor
 
-A folder's kind is read from its files, never from its name. Training (through its recipe),
+Read only: `llava_original` (LLaVA's own layout, `llava_original.py`). A folder's kind is read
+from its files, never from its name. Training (through its recipe),
 resuming, loading for inference and exporting all write and read through this module; a new
 checkpoint kind is added here.
 """
@@ -18,6 +20,7 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
+from .llava_original import is_llava_original, pickled_weights_error
 from .modeling import LlavaTinyConfig
 
 PROJECTOR_FILE = "mm_projector.safetensors"
@@ -34,23 +37,43 @@ def unwrapped_name(name: str) -> str:
 
 
 def checkpoint_kind(path: str) -> str:
-    """'full', 'lora' or 'projector' from the files in `path`; a clear error naming what is missing."""
+    """What the folder `path` holds, from its files and config (never its name):
+
+    'full' (a LLaVA: stock transformers or this project's), 'text' (a causal LM, no vision), 'lora',
+    'projector' (stage 1) or 'llava_original' (LLaVA's own layout). Pickle-only folders are refused
+    with the command that converts them; anything else with what was found and what was expected.
+    """
     files = set(os.listdir(path)) if os.path.isdir(path) else set()
     if ADAPTER_CONFIG in files:
         return "lora"
+    config = read_json(os.path.join(path, "config.json")) if "config.json" in files else {}
+    if is_llava_original(config):
+        return "llava_original"
     if any(f in files for f in MODEL_FILES) or any(f.startswith("model-") and f.endswith(".safetensors") for f in files):
-        return "full"
+        if config.get("model_type") in ("llava", "llava_tiny"):
+            return "full"
+        if "vision_config" in config:
+            raise ValueError(f"{path}: a {config.get('model_type')!r} vision-language model; expected a LLaVA "
+                             "(model_type llava, llava_tiny or LLaVA's llava_llama) or a causal language model")
+        return "text"
     if PROJECTOR_FILE in files:
         return "projector"
+    pickles = [f for f in files if f.startswith("pytorch_model") and f.endswith(".bin")]
+    if pickles:
+        raise pickled_weights_error(path, pickles)
     raise FileNotFoundError(
         f"{path} holds no model: expected {MODEL_FILES[0]} (full model), {ADAPTER_CONFIG} + adapter weights "
         f"(LoRA) or {PROJECTOR_FILE} (stage-1 projector); found {sorted(files) or 'nothing'}")
 
 
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def read_config(path: str) -> LlavaTinyConfig:
     """The checkpoint's config as a `LlavaTinyConfig` (stock `llava` folders included)."""
-    with open(os.path.join(path, "config.json")) as f:
-        data = json.load(f)
+    data = read_json(os.path.join(path, "config.json"))
     data.pop("model_type", None)
     data.pop("architectures", None)
     return LlavaTinyConfig.from_dict(data)

@@ -22,9 +22,11 @@ class LlavaTinyConfig(LlavaConfig):
 
     model_type = "llava_tiny"
     mm_projector_type: str = "mlp2x_gelu"
-    # Recorded so a projector-only (stage-1) or LoRA folder can be rebuilt from its base parts.
+    # Recorded so a projector-only (stage-1) or LoRA folder can be rebuilt from its base: the full VLM
+    # it was fine-tuned from (`mm_base_model`), else the LLM and tower it was assembled from.
     mm_llm_path: str | None = None
     mm_vision_tower: str | None = None
+    mm_base_model: str | None = None
     conversation_template: str = "llava_v1"
 
     def to_dict(self):
@@ -99,6 +101,18 @@ def unwrap_model(model):
             model = model.module
         else:
             return model
+
+
+def image_seq_length(model) -> int:
+    """Placeholders per image; 0 for a text-only model (no vision tower)."""
+    return getattr(unwrap_model(model).config, "image_seq_length", 0)
+
+
+def language_model(model):
+    """The module whose config holds the language model's attention implementation."""
+    llava = unwrap_model(model)
+    inner = getattr(llava, "model", None)
+    return inner.language_model if hasattr(inner, "language_model") else llava
 
 
 AutoConfig.register("llava_tiny", LlavaTinyConfig)

@@ -62,6 +62,7 @@ class TrainingArguments(transformers.TrainingArguments):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_bias: str = "none"
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the language model but lm_head) or a comma list of module names, e.g. q_proj,v_proj."})
     lora_weight_path: str = field(default="", metadata={"help": "No effect: accepted for LLaVA compatibility."})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Keep the projector frozen."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate (own parameter group)."})
@@ -75,6 +76,10 @@ class TrainingArguments(transformers.TrainingArguments):
     optim: str = "adamw_torch"
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds another run."})
     skip_nan_steps: bool = field(default=False, metadata={"help": "On a NaN/inf loss, skip the step and count it instead of stopping."})
+
+    def own_flag_problems(self, model_args, data_args) -> list[str]:
+        """Problems with the flags a subclass adds (`train_dpo.DPOTrainingArguments`), reported with the rest."""
+        return []
 
     def own_flag_problems(self, model_args, data_args) -> list[str]:
         """Problems with the flags a subclass adds (`train_dpo.DPOTrainingArguments`), reported with the rest."""
@@ -187,10 +192,9 @@ def flag_problems(model_args, data_args, training_args) -> list[str]:
     from ..conversation import get_template
     from ..images import ASPECT_RATIOS
     from ..model.projector import projector_depth
+    from .starting_point import starting_point_problems
 
     problems = []
-    if model_args.vision_tower is None:
-        problems.append("--vision_tower is required (a CLIP or SigLIP vision model)")
     if data_args.data_path is None:
         problems.append("--data_path is required (LLaVA JSON or JSONL)")
     for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
@@ -238,7 +242,7 @@ def flag_problems(model_args, data_args, training_args) -> list[str]:
         # partitioned (empty) weight: torch.utils.checkpoint then fails on the mismatch.
         problems.append("--chunked_ce cannot run under ZeRO-3; use ZeRO-2, or drop --chunked_ce (with --packing "
                         "logits are computed only for supervised tokens)")
-    return problems
+    return problems + starting_point_problems(model_args, training_args)
 
 
 def parse_args(argv: list[str] | None = None, training_class: type | None = None) -> RunArguments:

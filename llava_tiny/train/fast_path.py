@@ -35,7 +35,9 @@ def run_frozen_tower_without_grad(model) -> None:
     tower, keeps its activations and backpropagates through it into nothing. The check is made per
     call, so a tower unfrozen later trains normally. Results are unchanged (no tower gradient exists).
     """
-    tower = unwrap_model(model).model.vision_tower
+    tower = getattr(getattr(unwrap_model(model), "model", None), "vision_tower", None)
+    if tower is None:  # a text-only model
+        return
     # A method bound to the tower (not a closure), so a deepcopy of the model rebinds it to the copy.
     tower.forward = types.MethodType(_forward_without_grad_when_frozen, tower)
 

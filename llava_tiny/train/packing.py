@@ -26,7 +26,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..conversation import IGNORE_INDEX
-from ..model.modeling import unwrap_model
+from ..model.modeling import language_model as language_of
 from .dataset import DataCollatorForSupervisedDataset
 
 PACKED_SDPA = "sdpa_packed"
@@ -63,7 +63,7 @@ def use_packed_attention(model) -> None:
     `packed_sdpa_attention`. Other implementations would compute attention over the whole packed
     row, so they are refused. The switch is not saved in checkpoints.
     """
-    language_model = unwrap_model(model).model.language_model
+    language_model = language_of(model)
     implementation = language_model.config._attn_implementation
     if implementation in (PACKED_SDPA, "flash_attention_2", "flash_attention_3"):
         return

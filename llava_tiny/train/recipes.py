@@ -48,7 +48,10 @@ def make_recipe(model_args, training_args) -> Recipe:
 
 
 def _parts(model) -> dict[str, list[torch.nn.Module]]:
+    """The model's parts; a text-only model is all language model."""
     llava = unwrap_model(model)
+    if not hasattr(getattr(llava, "model", None), "vision_tower"):
+        return {"language_model": [llava]}
     return {"language_model": [llava.model.language_model, llava.lm_head],
             "vision_tower": [llava.model.vision_tower], "projector": [llava.model.multi_modal_projector]}
 
@@ -84,9 +87,10 @@ class Recipe:
 
     def prepare(self, model):
         """Freeze and unfreeze each part, add LoRA adapters where asked; return the model to train."""
-        tuning = self.tuning()
+        parts = _parts(model)
+        tuning = {part: how for part, how in self.tuning().items() if part in parts}
         model.requires_grad_(False)
-        for part, modules in _parts(model).items():
+        for part, modules in parts.items():
             for module in modules:
                 module.requires_grad_(tuning[part] == FULL)
         if LORA in tuning.values():
@@ -102,7 +106,8 @@ class Recipe:
         from ..model.lora import apply_lora
 
         args = self.training_args
-        return apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias)
+        return apply_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias,
+                          target_modules=args.lora_target_modules)
 
     def parameter_groups(self, model, weight_decay: float) -> list[dict]:
         """Optimizer groups: the projector (--mm_projector_lr) and the tower (--mm_vision_tower_lr) get
@@ -167,9 +172,11 @@ class QLoraFinetune(LoraFinetune):
         from transformers import BitsAndBytesConfig
 
         args = self.training_args
+        # Full prefixes: a bare "vision_tower" would quantize the tower and projector of a LLaVA start too.
         return BitsAndBytesConfig(load_in_4bit=args.bits == 4, load_in_8bit=args.bits == 8,
                                   bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=args.double_quant,
-                                  bnb_4bit_quant_type=args.quant_type)
+                                  bnb_4bit_quant_type=args.quant_type,
+                                  llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
 
     def _add_adapters(self, model):
         from peft import prepare_model_for_kbit_training

@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # `python llava_tiny/train/train.py`: make the pa
 import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from llava_tiny.model.builder import assemble_model, resolve_dtype  # noqa: E402
+from llava_tiny.model import image_seq_length  # noqa: E402
+from llava_tiny.model.builder import resolve_dtype  # noqa: E402
 from llava_tiny.model.checkpoints import load_projector_weights  # noqa: E402
 from llava_tiny.train.arguments import RunArguments, parse_args  # noqa: E402
 from llava_tiny.train.callbacks import PreemptionCallback  # noqa: E402
@@ -30,6 +31,7 @@ from llava_tiny.train.packing import make_data_collator, use_packed_attention  #
 from llava_tiny.train.recipes import make_recipe  # noqa: E402
 from llava_tiny.train.run_dir import (explain_disk_full, finish_from_last_step, newest_checkpoint,  # noqa: E402
                                       prepare_run_dir, saved_at_last_step)
+from llava_tiny.train.starting_point import load_starting_point  # noqa: E402
 from llava_tiny.train.trainer import LlavaTrainer  # noqa: E402
 
 logger = logging.getLogger("llava_tiny.train")
@@ -68,7 +70,7 @@ def make_datasets(loaded, args: RunArguments, dataset_class=LazySupervisedDatase
 
     def dataset(path):
         return dataset_class(
-            path, loaded.tokenizer, loaded.image_processor, loaded.template, loaded.model.config.image_seq_length,
+            path, loaded.tokenizer, loaded.image_processor, loaded.template, image_seq_length(loaded.model),
             image_folder=data_args.image_folder, image_aspect_ratio=data_args.image_aspect_ratio,
             image_background=data_args.image_background, model_max_length=training_args.model_max_length,
             skip_bad_samples=data_args.skip_bad_samples, allow_images_outside_folder=data_args.allow_images_outside_folder,
@@ -85,13 +87,8 @@ def load_model_for_training(args: RunArguments, attn_implementation: str | None 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     requested = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
     dtype = resolve_dtype(device, requested)
-    loaded = assemble_model(model_args.model_name_or_path, model_args.vision_tower,
-                            mm_projector_type=model_args.mm_projector_type,
-                            mm_vision_select_layer=model_args.mm_vision_select_layer,
-                            vision_select_strategy="full" if model_args.mm_vision_select_feature == "cls_patch" else None,
-                            version=model_args.version, dtype=dtype, attn_implementation=_attention(attn_implementation),
-                            quantization_config=recipe.quantization_config(dtype),
-                            trust_remote_code=model_args.trust_remote_code, cache_dir=training_args.cache_dir)
+    loaded = load_starting_point(model_args, training_args, dtype, recipe.quantization_config(dtype),
+                                 _attention(attn_implementation))
     if model_args.pretrain_mm_mlp_adapter:
         load_projector_weights(loaded.model, model_args.pretrain_mm_mlp_adapter)
         logger.info("projector initialised from %s", model_args.pretrain_mm_mlp_adapter)
