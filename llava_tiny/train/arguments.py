@@ -81,10 +81,6 @@ class TrainingArguments(transformers.TrainingArguments):
         """Problems with the flags a subclass adds (`train_dpo.DPOTrainingArguments`), reported with the rest."""
         return []
 
-    def own_flag_problems(self, model_args, data_args) -> list[str]:
-        """Problems with the flags a subclass adds (`train_dpo.DPOTrainingArguments`), reported with the rest."""
-        return []
-
 
 class RunArguments(NamedTuple):
     """The parsed flags of one run (unpacks as `model_args, data_args, training_args`)."""
