@@ -66,10 +66,11 @@ def _check_tokens(samples, valid: list[int], ids, tokenizer, template, model_max
     for index, (kind, message) in measured.problems.items():
         result.errors.append(Problem(index, ids[index], kind, message, file))
     for index, dropped in measured.dropped_turns.items():
-        turns = len(samples[index]["conversations"]) // 2
+        turns = len(samples[index].get("conversations") or []) // 2
+        cut = f"{dropped} of {turns} answer turn(s) would be dropped" if turns else "the text would be cut there"
         result.warnings.append(Problem(index, ids[index], "truncated",
                                        f"{measured.lengths[index]} tokens > model_max_length {model_max_length}: "
-                                       f"{dropped} of {turns} answer turn(s) would be dropped", file))
+                                       f"{cut}", file))
     result.token_lengths = {"template": template, "num_image_tokens": num_image_tokens,
                             "model_max_length": model_max_length, **length_summary(measured.lengths.values()),
                             "truncated": len(measured.dropped_turns),
@@ -105,7 +106,7 @@ def validate_samples(samples: list[dict], image_folder: str | None = None, *, al
             error(index, "duplicate_id", f"id already used by record {first_with_id[ids[index]]}; expected unique ids")
         if not allow_duplicates:
             key = json.dumps([sample_images(sample), sample.get("conversations"),  # + a preference pair's fields
-                              *(sample.get(k) for k in ("prompt", "messages", "chosen", "rejected"))],
+                              *(sample.get(k) for k in ("prompt", "messages", "chosen", "rejected", "text", "system"))],
                              sort_keys=True, ensure_ascii=False)
             first = first_with_content.setdefault(key, index)
             if first != index:

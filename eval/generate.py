@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from llava_tiny.checks import check_samples
 from llava_tiny.conversation import IMAGE_TOKEN, ConversationError, conversation_turns
-from llava_tiny.data import load_samples, sample_id
+from llava_tiny.data import load_samples, record_format, sample_id
 from llava_tiny.images import ASPECT_RATIOS, IMAGE_BACKGROUNDS, load_image
 from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
 
@@ -50,6 +50,7 @@ class Question:
     history: list[tuple[str, str]]
     image_paths: list[str]  # resolved paths of the images whose markers are in the prompt
     record: dict = field(default_factory=dict)  # the output line, minus the prediction
+    system: str | None = None  # the sample's own system message (it replaces the template's)
 
 
 def strip_image_markers(text: str) -> str:
@@ -93,6 +94,10 @@ def expand_questions(samples: list[dict], image_folder: str | None, allow_outsid
         if index in bad:
             continue
         sid = sample_id(sample, index)
+        if record_format(sample) == "text":
+            problems.append(f"{file + ': ' if file else ''}sample {sid!r}: a formatted 'text' record has no question "
+                            "to ask; expected 'conversations' (LLaVA) or 'messages' for evaluation")
+            continue
         turns = conversation_turns(sample["conversations"], sid)
         try:
             refs = _turn_references(sample, sid, turns)
@@ -111,7 +116,7 @@ def expand_questions(samples: list[dict], image_folder: str | None, allow_outsid
             record = {"id": qid, "image": sample.get("image"), "question": strip_image_markers(question),
                       "references": refs[turn], **extra}
             questions.append(Question(id=qid, question=question, history=turns[:turn],
-                                      image_paths=paths[:seen_markers], record=record))
+                                      image_paths=paths[:seen_markers], record=record, system=sample.get("system")))
     counts: dict[str, int] = {}
     for q in questions:
         counts[q.id] = counts.get(q.id, 0) + 1
@@ -222,7 +227,7 @@ def generate_predictions(loaded, samples: list[dict], image_folder: str | None, 
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 prompts = [build_prompt(loaded, q.question, _load_images(q.image_paths, loaded.image_processor,
-                                                                          blank_images), q.history, conv_mode)
+                                                                          blank_images), q.history, conv_mode, q.system)
                            for q in batch]
                 answers = generate_batch(loaded, prompts, settings, conv_mode)
                 lines = [json.dumps({**q.record, "prediction": a}, ensure_ascii=False) + "\n"

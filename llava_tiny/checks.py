@@ -1,4 +1,5 @@
-"""The rules a LLaVA sample must meet, as lists of problems: one definition for every user.
+"""The rules a sample must meet, as lists of problems: one definition for every user (every format
+`llava_tiny.data` reads).
 
 Training raises on them (`train.dataset.LazySupervisedDataset`), `data_tools.validate` reports them
 all, `eval.generate`, `inference.build_prompt` and the server reuse them. The conversation rules
@@ -6,6 +7,8 @@ live with the code that tokenizes (`conversation.turn_problems`, `conversation.m
 `conversation.SampleTooLongError`); this module applies them to records and adds the image rules:
 
     conversation shape and turns   turn_problems          bad_conversations, bad_roles, empty_turn, image_in_answer
+    a `messages` record's form     data.read_messages     bad_conversations, bad_roles (in the file's own words)
+    a formatted `text` record      record_problems        bad_conversations (no text)
     `image` field                  record_problems        bad_image_field
     one `<image>` marker per image record_problems        image_marker_mismatch
     image path inside the folder   image_path_problems    image_outside_folder (warning: absolute_image_path)
@@ -23,9 +26,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from .conversation import (IMAGE_TOKEN, ConversationError, SampleTooLongError, marker_problem, tokenize_conversation,
+from .conversation import (IMAGE_TOKEN, ConversationError, SampleTooLongError, marker_problem, tokenize_sample,
                            turn_problems)
-from .data import is_preference_record, sample_id, sample_images
+from .data import is_preference_record, read_messages, record_format, sample_id, sample_images
 from .images import ImagePathError, has_alpha, resolve_image_path
 from .preference import preference_problems, tokenize_preference
 
@@ -70,18 +73,29 @@ def without_sample_name(message: str, sid: str) -> str:
 
 def record_problems(sample: dict) -> list[tuple[str, str]]:
     """(kind, message) for the record alone, no file access: turns, the `image` field, markers vs images."""
-    if is_preference_record(sample):
+    kind = record_format(sample)
+    if kind == "preference":
         return preference_problems(sample)
-    conversations = sample.get("conversations")
-    problems = turn_problems(conversations)
+    if kind == "messages":  # still in its own form: `load_samples` converts every readable one
+        return read_messages(sample).problems
+    markers = None
+    if kind == "text":
+        text = sample.get("text")
+        problems = [] if isinstance(text, str) and text.strip() else [
+            ("bad_conversations", f"'text' is {str(text)[:60]!r}; expected the formatted conversation as a string")]
+        markers = text.count(IMAGE_TOKEN) if not problems else None
+    else:
+        conversations = sample.get("conversations")
+        problems = turn_problems(conversations)
+        if isinstance(conversations, list):
+            # Markers count in human turns only; one in an answer is already `image_in_answer`.
+            markers = sum(t["value"].count(IMAGE_TOKEN) for t in conversations[::2]
+                          if isinstance(t, dict) and isinstance(t.get("value"), str))
     images = sample_images(sample)
     if any(not isinstance(p, str) or not p.strip() for p in images):
         problems.append(("bad_image_field", f"'image' is {sample.get('image')!r}; expected a relative path or a "
                                             "list of them"))
-    elif isinstance(conversations, list):
-        # Markers count in human turns only; one in an answer is already `image_in_answer`.
-        markers = sum(t["value"].count(IMAGE_TOKEN) for t in conversations[::2]
-                      if isinstance(t, dict) and isinstance(t.get("value"), str))
+    elif markers is not None:
         mismatch = marker_problem(markers, len(images))
         if mismatch:
             problems.append(("image_marker_mismatch", mismatch))
@@ -246,18 +260,15 @@ def check_length(sample: dict, sid: str, tokenizer, template: str, num_image_tok
         return LengthCheck(pair.length, problem=("too_long", f"the pair needs {pair.length} tokens but model_max_length "
                                                              f"is {model_max_length}; a pair is never truncated")
                            if too_long else None)
-    conversations, num_images = sample.get("conversations"), len(sample_images(sample))
     try:
-        full = tokenize_conversation(conversations, tokenizer, template, num_image_tokens, num_images=num_images,
-                                     sample_id=sid)
+        full = tokenize_sample(sample, tokenizer, template, num_image_tokens, sample_id=sid)
     except ConversationError as err:
         return LengthCheck(None, problem=("bad_conversations", without_sample_name(str(err), sid)))
     length = len(full.input_ids)
     if model_max_length is None or length <= model_max_length:
         return LengthCheck(length)
     try:
-        fitted = tokenize_conversation(conversations, tokenizer, template, num_image_tokens, num_images=num_images,
-                                       model_max_length=model_max_length, sample_id=sid)
+        fitted = tokenize_sample(sample, tokenizer, template, num_image_tokens, model_max_length, sid)
     except SampleTooLongError as err:
         return LengthCheck(length, problem=("too_long", without_sample_name(str(err), sid)))
     return LengthCheck(length, fitted.dropped_turns)

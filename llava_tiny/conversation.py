@@ -1,17 +1,21 @@
-"""Chat templates and the one place where a conversation becomes `input_ids` + `labels`.
+"""The one place where a conversation becomes `input_ids` + `labels` (and a prompt its ids).
 
-A template renders a conversation as a list of text chunks, each marked supervised or not. Each
-chunk is tokenized on its own and the ids are concatenated, so the labels are *built* from the
-answer chunks and never derived by subtracting lengths (the cause of LLaVA's "tokenization
-mismatch" warnings that silently zero a sample's labels).
-
-Add a template: write one `ChatTemplate(...)` entry in `TEMPLATES` below.
+A template (`templates.py`, or the tokenizer's own with `auto`: `auto_template.py`) renders a
+conversation as a list of text chunks, each marked supervised or not. Each chunk is tokenized on
+its own and the ids are concatenated, so the labels are *built* from the answer chunks and never
+derived by subtracting lengths (the cause of LLaVA's "tokenization mismatch" warnings that
+silently zero a sample's labels). A single `<image>` in a user turn moves to the turn's start, as
+LLaVA's `preprocess_multimodal` does (`templates.place_image_marker`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-IMAGE_TOKEN = "<image>"
+from .auto_template import AUTO_TEMPLATE, AutoTemplate, default_template, wrapped_chat_template
+from .data import record_format, sample_images
+from .templates import (AUTO, IMAGE_TOKEN, TEMPLATES, ChatTemplate, TemplateError,  # noqa: F401 (re-exported)
+                        named_template, named_template_jinja, place_image_marker)
+
 IGNORE_INDEX = -100
 
 
@@ -23,99 +27,45 @@ class SampleTooLongError(ConversationError):
     """Not even the first turn fits `model_max_length` (the image placeholders or the answer would be cut)."""
 
 
-@dataclass(frozen=True)
-class ChatTemplate:
-    """How one chat format renders turns.
+def get_template(name: str | None, tokenizer=None) -> ChatTemplate | AutoTemplate:
+    """The chat template called `name`: a hand-written one (LLaVA's `--version` names accepted) or `auto`.
 
-    `user` / `assistant_prefix` are format strings with `{message}` (user only); the assistant's
-    answer is followed by `end_of_turn` (a token string, supervised) and then `after_turn`
-    (unsupervised glue before the next user turn). `bos` says whether the tokenizer's BOS starts
-    the sequence.
+    With no name (no `--version`), `tokenizer` decides and the choice is logged: its own chat template
+    when it has one that renders text turns, else `llava_v1` (`auto_template.default_template`).
     """
-
-    name: str
-    system: str = ""
-    user: str = "{message}"
-    assistant_prefix: str = ""
-    answer_sep: str = ""  # text between the assistant prefix and the answer (vicuna's " ")
-    end_of_turn: str = "</s>"  # "" means the tokenizer's eos token
-    after_turn: str = ""
-    bos: bool = True
-    # Tokens this format needs that a base vocabulary may lack (added by `prepare_tokenizer`).
-    special_tokens: tuple[str, ...] = field(default=())
-    # `plain` (stage-1 captioning) drops the human text and keeps only the image.
-    image_only_prompt: bool = False
-
-    def end_of_turn_token(self, tokenizer) -> str:
-        return self.end_of_turn or tokenizer.eos_token
-
-    def render_chunks(self, turns: list[tuple[str, str | None]], tokenizer) -> list[tuple[str, bool]]:
-        """Render (user, assistant) pairs as (text, supervised) chunks.
-
-        An assistant message of None ends the list with the generation prompt (for inference).
-        """
-        chunks: list[tuple[str, bool]] = []
-        prefix = self.system
-        for user, answer in turns:
-            if self.image_only_prompt:
-                user = IMAGE_TOKEN * user.count(IMAGE_TOKEN)
-            chunks.append((prefix + self.user.format(message=user) + self.assistant_prefix, False))
-            if answer is None:
-                break
-            chunks.append((self.answer_sep + answer, True))
-            chunks.append((self.end_of_turn_token(tokenizer), True))
-            prefix = self.after_turn
-        return chunks
+    if name is None:
+        if tokenizer is None:
+            raise ValueError("get_template(None) needs the tokenizer to choose the default template")
+        name = default_template(tokenizer)
+    return AUTO_TEMPLATE if name == AUTO else named_template(name)
 
 
-_LLAVA_SYSTEM = (
-    "A chat between a curious human and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the human's questions."
-)
-
-TEMPLATES: dict[str, ChatTemplate] = {
-    t.name: t
-    for t in [
-        # LLaVA stage 1: "<image>" + caption + "\n".
-        ChatTemplate(name="plain", end_of_turn="\n", image_only_prompt=True),
-        # LLaVA-1.5 (conv_vicuna_v1): "SYSTEM USER: q ASSISTANT: a</s>USER: ..."
-        ChatTemplate(name="llava_v1", system=_LLAVA_SYSTEM + " ", user="USER: {message} ",
-                     assistant_prefix="ASSISTANT:", answer_sep=" ", end_of_turn=""),
-        # TinyLlama-1.1B-Chat (Zephyr style): "<|user|>\nq</s>\n<|assistant|>\na</s>\n"
-        ChatTemplate(name="tinyllama", user="<|user|>\n{message}", assistant_prefix="</s>\n<|assistant|>\n",
-                     end_of_turn="", after_turn="\n"),
-        ChatTemplate(name="llama_3", user="<|start_header_id|>user<|end_header_id|>\n\n{message}",
-                     assistant_prefix="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-                     end_of_turn="<|eot_id|>", bos=True,
-                     special_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
-        # Qwen2 chat (ChatML).
-        ChatTemplate(name="chatml", system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
-                     user="<|im_start|>user\n{message}", assistant_prefix="<|im_end|>\n<|im_start|>assistant\n",
-                     end_of_turn="<|im_end|>", after_turn="\n", bos=False,
-                     special_tokens=("<|im_start|>", "<|im_end|>")),
-    ]
-}
-# LLaVA's names for the same formats.
-TEMPLATE_ALIASES = {"v1": "llava_v1", "vicuna_v1": "llava_v1", "llava_llama_3": "llama_3", "qwen_2": "chatml",
-                    "qwen2": "chatml"}
+def _template(template):
+    return get_template(template) if isinstance(template, str) else template
 
 
-def get_template(name: str) -> ChatTemplate:
-    """Return the chat template called `name` (LLaVA's `--version` names are accepted)."""
-    key = TEMPLATE_ALIASES.get(name, name)
-    if key not in TEMPLATES:
-        known = sorted(set(TEMPLATES) | set(TEMPLATE_ALIASES))
-        raise ValueError(f"unknown conversation template {name!r}; expected one of {known}")
-    return TEMPLATES[key]
+def chat_template_jinja(template: str | ChatTemplate | AutoTemplate, tokenizer=None) -> str:
+    """The Jinja chat template for `LlavaProcessor` / `apply_chat_template` that renders what training renders.
 
-
-def prepare_tokenizer(tokenizer, template: str | ChatTemplate) -> int:
-    """Add `<image>`, the template's special tokens and a pad token; return how many were added.
-
-    The model's embeddings must then have `len(tokenizer)` rows (see `model.builder`).
+    For `auto` it is the tokenizer's own template behind a step that turns image parts into `<image>`
+    markers (so `tokenizer` is needed); for the others, `templates.named_template_jinja`.
     """
-    template = get_template(template) if isinstance(template, str) else template
-    wanted = [IMAGE_TOKEN, *template.special_tokens]
+    template = _template(template)
+    if isinstance(template, AutoTemplate):
+        if tokenizer is None:
+            raise ValueError("chat_template_jinja('auto') needs the tokenizer whose chat template it wraps")
+        return wrapped_chat_template(tokenizer)
+    return named_template_jinja(template)
+
+
+def prepare_tokenizer(tokenizer, template: str | ChatTemplate, image_token: bool = True) -> int:
+    """Add `<image>` (unless `image_token` is False: a text-only model), the template's special tokens and a
+    pad token; return how many were added.
+
+    The model's embeddings must then have `len(tokenizer)` rows (see `model.assembly`).
+    """
+    template = _template(template)
+    wanted = [IMAGE_TOKEN, *template.special_tokens] if image_token else list(template.special_tokens)
     vocab = tokenizer.get_vocab()
     missing = [t for t in wanted if t not in vocab]
     added = tokenizer.add_special_tokens({"additional_special_tokens": missing}) if missing else 0
@@ -132,7 +82,8 @@ def prepare_tokenizer(tokenizer, template: str | ChatTemplate) -> int:
 class TokenizedConversation:
     input_ids: list[int]
     labels: list[int]
-    dropped_turns: int = 0  # trailing (user, assistant) pairs dropped to fit model_max_length
+    # Trailing (user, assistant) pairs dropped to fit model_max_length (a `text` record: 1 when it is cut).
+    dropped_turns: int = 0
 
     @property
     def num_supervised(self) -> int:
@@ -151,7 +102,7 @@ def turn_problems(conversations) -> list[tuple[str, str]]:
     """
     if not isinstance(conversations, list) or not conversations:
         return [("bad_conversations", "'conversations' is missing or empty; expected a non-empty list of "
-                                      "{from, value} turns")]
+                                      "{from, value} turns (or OpenAI-style 'messages', or a formatted 'text')")]
     problems = []
     for i, turn in enumerate(conversations):
         expected = ROLES[i % 2]
@@ -161,7 +112,7 @@ def turn_problems(conversations) -> list[tuple[str, str]]:
             continue
         if turn.get("from") != expected:
             problems.append(("bad_roles", f"turn {i} is from {turn.get('from')!r}; expected {expected!r} "
-                                          "(roles alternate human/gpt, starting with human)"))
+                                          "(roles alternate human/gpt, user/assistant in 'messages', starting with human)"))
         value = turn.get("value")
         role = "assistant" if expected == "gpt" else "human"
         if not isinstance(value, str) or not value.strip():
@@ -225,38 +176,59 @@ def _encode_chunk(tokenizer, text: str, context: str, image_token_id: int, num_i
     return ids
 
 
-def _encode_turns(turns, tokenizer, template: ChatTemplate, num_image_tokens: int):
+def _image_token_id(tokenizer) -> int:
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; call prepare_tokenizer(tokenizer, template) first")
+    return image_token_id
+
+
+def _encode_turns(turns, tokenizer, template, num_image_tokens: int, system: str | None = None):
+    image_token_id = _image_token_id(tokenizer) if num_image_tokens else None  # text-only models have none
     input_ids = [tokenizer.bos_token_id] if template.bos and tokenizer.bos_token_id is not None else []
     labels = [IGNORE_INDEX] * len(input_ids)
     context = tokenizer.bos_token if input_ids else ""
-    # Where each turn pair ends, so truncation can drop whole trailing turns.
+    turns = [(place_image_marker(user), answer) for user, answer in turns]
+    chunks = template.render_chunks(turns, tokenizer, system)
+    # Where each turn pair ends (after its last supervised chunk), so truncation can drop whole trailing turns.
     turn_ends = []
-    eot = template.end_of_turn_token(tokenizer)
-    for text, supervised in template.render_chunks(turns, tokenizer):
+    for i, (text, supervised) in enumerate(chunks):
         ids = _encode_chunk(tokenizer, text, context, image_token_id, num_image_tokens)
         input_ids.extend(ids)
         labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
-        if supervised and text == eot:
+        if supervised and (i + 1 == len(chunks) or not chunks[i + 1][1]):
             turn_ends.append(len(input_ids))
         context = text
     return input_ids, labels, turn_ends
 
 
+def _fit(input_ids: list[int], labels: list[int], ends: list[int], model_max_length: int | None, sample_id,
+         needed: str) -> TokenizedConversation:
+    """Cut the ids at the last of `ends` that fits `model_max_length`; `needed` says what the first end holds."""
+    if model_max_length is None or len(input_ids) <= model_max_length:
+        return TokenizedConversation(input_ids=input_ids, labels=labels)
+    fitting = [end for end in ends if end <= model_max_length]
+    if not fitting:
+        raise SampleTooLongError(f"sample {sample_id!r}: {needed} but model_max_length is {model_max_length}; it "
+                                 "cannot be shortened without cutting the image or the answer")
+    cut = fitting[-1]
+    return TokenizedConversation(input_ids[:cut], labels[:cut], dropped_turns=len(ends) - len(fitting))
+
+
 def tokenize_conversation(conversations: list[dict], tokenizer, template: str | ChatTemplate = "llava_v1",
                           num_image_tokens: int = 576, num_images: int | None = None,
-                          model_max_length: int | None = None, sample_id=None) -> TokenizedConversation:
+                          model_max_length: int | None = None, sample_id=None,
+                          system: str | None = None) -> TokenizedConversation:
     """Turn LLaVA `conversations` into `input_ids` and `labels` for training.
 
     Labels are -100 everywhere except the assistant answers and their end-of-turn token. Each
     `<image>` becomes exactly `num_image_tokens` placeholder ids. If `num_images` is given, the
-    number of `<image>` markers must equal it. When the conversation is longer than
-    `model_max_length`, whole trailing turns are dropped; a first turn that cannot fit (it holds
-    the image placeholders) raises `ConversationError` naming the sample.
+    number of `<image>` markers must equal it. `system` (a sample's own system message) replaces the
+    template's system prompt. When the conversation is longer than `model_max_length`, whole
+    trailing turns are dropped; a first turn that cannot fit (it holds the image placeholders)
+    raises `ConversationError` naming the sample.
     """
-    template = get_template(template) if isinstance(template, str) else template
+    template = _template(template)
     turns = conversation_turns(conversations, sample_id)
     if template.image_only_prompt and len(turns) != 1:
         raise ConversationError(f"sample {sample_id!r}: template {template.name!r} takes one (image, caption) turn; "
@@ -265,70 +237,76 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
     mismatch = marker_problem(markers, num_images) if num_images is not None else None
     if mismatch:
         raise ConversationError(f"sample {sample_id!r}: {mismatch}")
-    input_ids, labels, turn_ends = _encode_turns(turns, tokenizer, template, num_image_tokens)
-    dropped = 0
-    if model_max_length is not None and len(input_ids) > model_max_length:
-        fitting = [end for end in turn_ends if end <= model_max_length]
-        if not fitting:
-            raise SampleTooLongError(
-                f"sample {sample_id!r}: the first turn needs {turn_ends[0]} tokens "
-                f"({markers * num_image_tokens} of them image placeholders) but model_max_length is "
-                f"{model_max_length}; it cannot be shortened without cutting the image or the answer")
-        cut = fitting[-1]
-        dropped = len(turn_ends) - len(fitting)
-        input_ids, labels = input_ids[:cut], labels[:cut]
-    return TokenizedConversation(input_ids=input_ids, labels=labels, dropped_turns=dropped)
+    try:
+        input_ids, labels, turn_ends = _encode_turns(turns, tokenizer, template, num_image_tokens, system)
+    except TemplateError as err:  # a template problem, not the sample's: it stops the run (never skipped)
+        raise TemplateError(f"sample {sample_id!r}: {err}") from None
+    needed = (f"the first turn needs {turn_ends[0]} tokens ({markers * num_image_tokens} of them image "
+              "placeholders)" if turn_ends else "")
+    return _fit(input_ids, labels, turn_ends, model_max_length, sample_id, needed)
+
+
+def tokenize_text(text: str, tokenizer, num_image_tokens: int = 576, num_images: int | None = None,
+                  model_max_length: int | None = None, sample_id=None) -> TokenizedConversation:
+    """A record with only a formatted `text` (SFTTrainer's `dataset_text_field`): every token supervised.
+
+    The tokenizer's special tokens are added as for any text (BOS), EOS is appended unless the text
+    ends with it (as TRL does), and `<image>` markers become placeholders (never supervised). Longer
+    than `model_max_length`: cut there, unless that would cut into the image placeholders.
+    """
+    markers = text.count(IMAGE_TOKEN)
+    mismatch = marker_problem(markers, num_images) if num_images is not None else None
+    if mismatch:
+        raise ConversationError(f"sample {sample_id!r}: {mismatch}")
+    if tokenizer.eos_token and not text.rstrip().endswith(tokenizer.eos_token):
+        text = text + tokenizer.eos_token
+    image_token_id = _image_token_id(tokenizer)
+    alone = tokenizer(IMAGE_TOKEN).input_ids
+    bos = alone[:alone.index(image_token_id)]  # what the tokenizer puts before any text (BOS or nothing)
+    input_ids = bos + _encode_chunk(tokenizer, text, tokenizer.bos_token if bos else "", image_token_id,
+                                    num_image_tokens)
+    labels = [IGNORE_INDEX if i < len(bos) or token == image_token_id else token for i, token in enumerate(input_ids)]
+    if model_max_length is None or len(input_ids) <= model_max_length:
+        return TokenizedConversation(input_ids, labels)
+    images_end = max((i + 1 for i, token in enumerate(input_ids) if token == image_token_id), default=0)
+    if images_end >= model_max_length:
+        raise SampleTooLongError(f"sample {sample_id!r}: the text needs {len(input_ids)} tokens and its image "
+                                 f"placeholders end at token {images_end}, but model_max_length is "
+                                 f"{model_max_length}; it cannot be cut without cutting the image")
+    return TokenizedConversation(input_ids[:model_max_length], labels[:model_max_length], dropped_turns=1)
+
+
+def tokenize_sample(sample: dict, tokenizer, template: str | ChatTemplate, num_image_tokens: int,
+                    model_max_length: int | None = None, sample_id=None) -> TokenizedConversation:
+    """A record as `data.load_samples` gives it, tokenized as training does: its conversation with its own
+    system message (`tokenize_conversation`), or its formatted `text` (`tokenize_text`)."""
+    num_images = len(sample_images(sample))
+    if record_format(sample) == "text":
+        return tokenize_text(sample.get("text"), tokenizer, num_image_tokens, num_images, model_max_length, sample_id)
+    return tokenize_conversation(sample.get("conversations"), tokenizer, template, num_image_tokens, num_images,
+                                 model_max_length, sample_id, system=sample.get("system"))
 
 
 def tokenize_prompt(question: str, tokenizer, template: str | ChatTemplate = "llava_v1",
-                    num_image_tokens: int = 576, history: list[tuple[str, str]] = ()) -> list[int]:
-    """Token ids of a generation prompt: earlier (question, answer) turns, then `question`.
+                    num_image_tokens: int = 576, history: list[tuple[str, str]] = (),
+                    system: str | None = None) -> list[int]:
+    """Token ids of a generation prompt: `system` (or the template's), earlier (question, answer) turns, then
+    `question`.
 
     Built by the same chunks as training, so the model sees at inference what it saw in training.
     """
-    template = get_template(template) if isinstance(template, str) else template
     turns = [*history, (question.strip(), None)]
-    ids, _, _ = _encode_turns(turns, tokenizer, template, num_image_tokens)
+    ids, _, _ = _encode_turns(turns, tokenizer, _template(template), num_image_tokens, system)
     return ids
 
 
 def stop_token_ids(tokenizer, template: str | ChatTemplate) -> list[int]:
     """Ids that end an assistant turn for this template (for `generate(eos_token_id=...)`)."""
-    template = get_template(template) if isinstance(template, str) else template
+    end_text = _template(template).end_of_turn_token(tokenizer)
     ids = {tokenizer.eos_token_id}
-    end = tokenizer(template.end_of_turn_token(tokenizer), add_special_tokens=False).input_ids
+    end = tokenizer(end_text, add_special_tokens=False).input_ids
     if len(end) == 1:
         ids.add(end[0])
-    elif template.end_of_turn == "\n":
+    elif end_text == "\n":
         ids.add(end[-1])  # sentencepiece encodes "\n" as ["▁", "<0x0A>"]
     return sorted(i for i in ids if i is not None)
-
-
-def chat_template_jinja(template: str | ChatTemplate) -> str:
-    """A Jinja chat template rendering the same text, for `LlavaProcessor` / `apply_chat_template`.
-
-    Messages use transformers' format: content is a string or a list of {"type": "text"|"image"}.
-    """
-    t = get_template(template) if isinstance(template, str) else template
-
-    def lit(s: str) -> str:
-        return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
-
-    text_part = "" if t.image_only_prompt else "{% set ns.text = ns.text + c['text'] %}"
-    content = ("{% if message['content'] is string %}{% set ns.text = message['content'] %}{% else %}"
-               "{% set ns.text = '' %}{% for c in message['content'] %}{% if c['type'] == 'image' %}"
-               f"{{% set ns.text = ns.text + {lit(IMAGE_TOKEN + chr(10))} %}}"
-               f"{{% elif c['type'] == 'text' %}}{text_part}{{% endif %}}{{% endfor %}}"
-               "{% endif %}{% set text = ns.text | trim %}")
-    user_pre, user_post = t.user.split("{message}")
-    end = lit(t.end_of_turn) if t.end_of_turn else "eos_token"
-    # No BOS here: the processor's tokenizer adds it, as for stock llava-hf checkpoints.
-    return (
-        f"{{% set ns = namespace(prefix={lit(t.system)}, text='') %}}"
-        + "{% for message in messages %}" + content
-        + "{% if message['role'] == 'user' %}"
-        + f"{{{{ ns.prefix + {lit(user_pre)} + text + {lit(user_post)} + {lit(t.assistant_prefix)} }}}}"
-        + "{% elif message['role'] == 'assistant' %}"
-        + f"{{{{ {lit(t.answer_sep)} + text + {end} }}}}{{% set ns.prefix = {lit(t.after_turn)} %}}"
-        + "{% endif %}{% endfor %}"
-    )

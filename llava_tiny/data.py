@@ -1,5 +1,22 @@
-"""Reading LLaVA data files: one reader for training, evaluation and the data tools (SFT conversations and
-preference pairs)."""
+"""Reading data files: one reader for training, evaluation and the data tools (SFT conversations and
+preference pairs).
+
+A record's format is told from its fields (`record_format`), and `normalise_record` turns every SFT
+record into the one internal form that training, `eval.generate` and the data tools read:
+
+    LLaVA         {"id", "image": path | [paths], "conversations": [{"from": "human"|"gpt", "value"}]}
+                  a leading {"from": "system"} turn becomes `system`
+    messages      {"messages": [{"role": "system"|"user"|"assistant", "content": str | [{"type": "text",
+                  "text"}, {"type": "image"}]}], "images": [paths]} (OpenAI, TRL, LLaMA-Factory) -> the
+                  LLaVA form: each image part is an `<image>` marker where it stands, `images` -> `image`,
+                  a first system message -> `system` (it replaces the template's system prompt)
+    text          {"text": "<formatted conversation>"} (SFTTrainer's `dataset_text_field`): kept as it
+                  is; every token is supervised
+    preference    `chosen` / `rejected` (DPO): kept as it is, read by `preference_parts`
+
+A `messages` record whose form is broken stays as it is; `llava_tiny.checks` reports it
+(`read_messages(...).problems`), in the file's own words.
+"""
 from __future__ import annotations
 
 import json
@@ -42,9 +59,9 @@ def load_samples(path: str) -> list[dict]:
         raise DataFileError(f"{path}: expected a JSON list of samples, found a JSON {type(data).__name__}")
     for index, sample in enumerate(data):
         if not isinstance(sample, dict):
-            raise DataFileError(f"{path}: record {index} is a {type(sample).__name__}; "
-                                "expected an object with 'id' and 'conversations'")
-    return data
+            raise DataFileError(f"{path}: record {index} is a {type(sample).__name__}; expected an object with "
+                                "'conversations' (LLaVA), 'messages' (OpenAI/TRL) or a formatted 'text'")
+    return [normalise_record(sample) for sample in data]
 
 
 def sample_id(sample: dict, index: int) -> str:
@@ -59,6 +76,99 @@ def sample_images(sample: dict) -> list[str]:
     if image is None:
         return []
     return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+SFT_FORMATS = ("conversations", "messages", "text")
+_ROLES = {"user": "human", "assistant": "gpt"}
+
+
+def record_format(sample: dict) -> str:
+    """Which form a record has, by its fields: "preference", "conversations", "messages" or "text".
+
+    A record with none of them counts as "conversations" (the checks say that it is missing).
+    """
+    if is_preference_record(sample):
+        return "preference"
+    return next((name for name in SFT_FORMATS if name in sample), "conversations")
+
+
+def message_content_text(content) -> str | None:
+    """A message's content as one string: a string as it is, a list of parts joined in order with each
+    {"type": "image"} part as an `<image>` marker + "\n"; None when it is neither."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        return None
+    pieces = []
+    for part in content:
+        if part.get("type") == "image":
+            pieces.append("<image>\n")
+        elif part.get("type") == "text" and isinstance(part.get("text"), str):
+            pieces.append(part["text"])
+        else:
+            return None
+    return "".join(pieces).strip()
+
+
+@dataclass
+class MessagesRecord:
+    """A `messages` record read into the LLaVA form; `problems` lists (kind, message) about its form."""
+
+    conversations: list = field(default_factory=list)
+    system: str | None = None
+    problems: list = field(default_factory=list)
+
+
+def read_messages(sample: dict) -> MessagesRecord:
+    """Read `messages` (OpenAI / TRL / LLaMA-Factory) into LLaVA turns; the order of turns is left to the
+    turn rules (`conversation.turn_problems`)."""
+    read = MessagesRecord()
+    messages = sample.get("messages")
+    if not isinstance(messages, list) or not messages:
+        read.problems.append(("bad_conversations", f"'messages' is {str(messages)[:60]!r}; expected a non-empty list "
+                                                   "of {role, content} messages"))
+        return read
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        text = message_content_text(message.get("content")) if isinstance(message, dict) else None
+        if role not in ("system", *_ROLES):
+            read.problems.append(("bad_roles", f"message {i} has role {role!r}; expected 'system', 'user' or "
+                                               "'assistant'"))
+        elif text is None:
+            read.problems.append(("bad_conversations", f"message {i} has content {str(message.get('content'))[:80]!r}; "
+                                                       "expected a string or a list of {type: text, text} / "
+                                                       "{type: image} parts"))
+        elif role == "system" and i:
+            read.problems.append(("bad_roles", f"message {i} is a system message after the conversation started; "
+                                               "expected the system message first"))
+        elif role == "system":
+            read.system = text
+        else:
+            read.conversations.append({"from": _ROLES[role], "value": text})
+    return read
+
+
+def normalise_record(sample: dict) -> dict:
+    """`sample` in the internal form (see the module doc); other fields are kept."""
+    kind = record_format(sample)
+    if kind == "conversations":
+        turns = sample.get("conversations")
+        first = turns[0] if isinstance(turns, list) and turns else None
+        if isinstance(first, dict) and first.get("from") == "system" and isinstance(first.get("value"), str):
+            return {**sample, "system": first["value"], "conversations": turns[1:]}
+        return sample
+    if kind in ("messages", "text") and "image" not in sample and "images" in sample:
+        sample = {**{k: v for k, v in sample.items() if k != "images"}, "image": sample["images"]}
+    if kind != "messages":
+        return sample
+    read = read_messages(sample)
+    if read.problems:
+        return sample  # the checks report it
+    normal = {k: v for k, v in sample.items() if k != "messages"}
+    normal["conversations"] = read.conversations
+    if read.system is not None:
+        normal["system"] = read.system
+    return normal
 
 
 # --- preference records (DPO) ------------------------------------------------------------------------

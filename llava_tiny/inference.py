@@ -49,8 +49,9 @@ def template_name(loaded, conv_mode: str | None = None) -> str:
 
 
 def build_prompt(loaded, question: str, images: list[Image.Image] = (), history: list[tuple[str, str]] = (),
-                 conv_mode: str | None = None) -> Prompt:
-    """A `Prompt` for `question` after `history` turns; checks `<image>` markers against `images`.
+                 conv_mode: str | None = None, system: str | None = None) -> Prompt:
+    """A `Prompt` for `question` after `history` turns (`system`: a sample's own system message, which replaces
+    the template's); checks `<image>` markers against `images`.
 
     A count mismatch would otherwise surface inside the forward as transformers' misleading
     "Image features and image tokens do not match".
@@ -61,7 +62,7 @@ def build_prompt(loaded, question: str, images: list[Image.Image] = (), history:
         raise ValueError(f"prompt: {mismatch}")
     num_image_tokens = base_model(loaded.model).config.image_seq_length
     ids = tokenize_prompt(question, loaded.tokenizer, template_name(loaded, conv_mode), num_image_tokens,
-                          history=list(history))
+                          history=list(history), system=system)
     return Prompt(input_ids=ids, images=list(images))
 
 

@@ -70,7 +70,7 @@ def test_supervised_tokens_are_exactly_the_answers(tokenizer_dir, template, pair
     assert all(label == IGNORE_INDEX for i, label in zip(out.input_ids, out.labels) if i == image_id)
 
 
-@pytest.mark.parametrize("template", ["llava_v1", "tinyllama", "llama_3", "chatml"])
+@pytest.mark.parametrize("template", ["vicuna_v1", "llava_v1", "tinyllama", "llama_3", "llava_llama_3", "chatml"])
 def test_processor_chat_template_tokenizes_like_training(template):
     tok = _tokenizer(LLAMA2_TOKENIZER, template)
     history = [("<image>\nWhat color is the square?", "Red, 3 items.")]
@@ -80,14 +80,6 @@ def test_processor_chat_template_tokenizes_like_training(template):
                 {"role": "user", "content": "And the shape?"}]
     text = tok.apply_chat_template(messages, chat_template=chat_template_jinja(template), tokenize=False)
     assert tok(text, add_special_tokens=get_template(template).bos).input_ids == ours
-
-
-def test_llava_v1_string_is_vicunas():
-    tok = _tokenizer(LLAMA2_TOKENIZER, "v1")
-    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
-                                   chat_template=chat_template_jinja("v1"), tokenize=False)
-    assert text == ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                    "helpful, detailed, and polite answers to the human's questions. USER: Hi ASSISTANT: Hello</s>")
 
 
 def test_llama2_fixture_is_exact():

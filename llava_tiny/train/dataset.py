@@ -1,4 +1,5 @@
-"""LLaVA JSON data -> training examples (lazy), and the collator that batches them.
+"""Training data (every format `llava_tiny.data` reads) -> training examples (lazy), and the collator that
+batches them.
 
 Samples are checked before training starts (`llava_tiny.checks`: the record's rules, image existence
 and header in parallel, the length), so a bad sample stops the run in seconds with the list of
@@ -14,8 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..checks import check_length, check_samples
-from ..conversation import IGNORE_INDEX, tokenize_conversation
-from ..data import load_samples, sample_id, sample_images  # noqa: F401 (re-exported)
+from ..conversation import IGNORE_INDEX, tokenize_sample
+from ..data import load_samples, record_format, sample_id, sample_images  # noqa: F401 (re-exported)
 from ..images import load_image, preprocess_images, resolve_image_path
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,11 @@ class LazySupervisedDataset(Dataset):
         self.report_dir = report_dir
         samples = load_samples(data_path)
         self.num_records = len(samples)
+        texts = sum(1 for sample in samples if record_format(sample) == "text")
+        if texts:
+            logger.warning("%s: %d of %d records are a formatted 'text': every token of them is trained, the prompts "
+                           "too; records with 'messages' (or LLaVA 'conversations') train on the answers only",
+                           data_path, texts, len(samples))
         # The quick image check (headers; JPEGs at 1/8 scale): a full decode happens when an item is used.
         checked = check_samples(samples, file=data_path, image_folder=image_folder,
                                 allow_outside=allow_images_outside_folder, images="header")
@@ -113,7 +119,8 @@ class LazySupervisedDataset(Dataset):
         """LLaVA's length proxy: words (+ image tokens), negative for text-only samples."""
         lengths = []
         for sample in self.samples:
-            words = sum(len(turn["value"].split()) for turn in sample["conversations"])
+            turns = [{"value": sample["text"]}] if record_format(sample) == "text" else sample["conversations"]
+            words = sum(len(turn["value"].split()) for turn in turns)
             n_images = len(sample_images(sample))
             lengths.append(words + n_images * self.num_image_tokens if n_images else -words)
         return lengths
@@ -140,8 +147,8 @@ class LazySupervisedDataset(Dataset):
     def _load_item(self, index: int) -> dict:
         sample, sid = self.samples[index], self.ids[index]
         paths = sample_images(sample)
-        tokens = tokenize_conversation(sample["conversations"], self.tokenizer, self.template, self.num_image_tokens,
-                                       num_images=len(paths), model_max_length=self.model_max_length, sample_id=sid)
+        tokens = tokenize_sample(sample, self.tokenizer, self.template, self.num_image_tokens, self.model_max_length,
+                                 sid)
         item = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels), "sample_id": sid}
         if paths:
             item["pixel_values"] = self._load_images(paths, sid)
