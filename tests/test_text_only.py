@@ -1,0 +1,121 @@
+"""Text-only fine-tuning (a causal LM and no --vision_tower) and where LoRA adapters go. The "what users
+have" models (a Llama-3-style base, Phi-3- and GPT-2-shaped models) are written with stock transformers."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, Phi3Config,
+                          Phi3ForCausalLM)
+
+from llava_tiny.model.builder import assemble_model, load_pretrained_model
+from llava_tiny.model.lora import apply_lora, lora_target_names
+from llava_tiny.train import train as train_module
+
+LLAMA_3_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="module")
+def llama3_style_base(tmp_path_factory, tiny_parts):
+    """A small causal LM whose tokenizer carries Llama-3's chat tokens, as Llama-3.2-Instruct's does."""
+    folder = str(tmp_path_factory.mktemp("llama3") / "base")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_parts["llm"])
+    tokenizer.add_special_tokens({"additional_special_tokens": LLAMA_3_TOKENS})
+    model = AutoModelForCausalLM.from_pretrained(tiny_parts["llm"])
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _messages_jsonl(path, n, first=0):
+    with open(path, "w") as f:
+        for i in range(first, first + n):
+            f.write(json.dumps({"id": f"m{i}", "messages": [
+                {"role": "system", "content": "Answer with the number only."},
+                {"role": "user", "content": f"What is {i} plus one?"},
+                {"role": "assistant", "content": str(i + 1)}]}) + "\n")
+    return str(path)
+
+
+def _argv(base, tmp_path, out, *flags):
+    return ["--model_name_or_path", base, "--data_path", _messages_jsonl(tmp_path / "train.jsonl", 16),
+            "--output_dir", str(out), "--per_device_train_batch_size", "4", "--logging_steps", "1",
+            "--save_strategy", "no", "--report_to", "none", "--seed", "0", *map(str, flags)]
+
+
+def test_text_only_qlora_with_llama_3_trains_evaluates_and_loads_in_stock_peft(tmp_path, llama3_style_base):
+    out = tmp_path / "out"
+    train_module.train(argv=_argv(
+        llama3_style_base, tmp_path, out, "--version", "llama_3", "--lora_enable", "True", "--bits", "4",
+        "--lora_r", "8", "--lora_alpha", "16", "--optim", "paged_adamw_8bit", "--learning_rate", "1e-2",
+        "--max_steps", "6", "--eval_data_path", _messages_jsonl(tmp_path / "eval.jsonl", 4, first=50),
+        "--eval_strategy", "steps", "--eval_steps", "3"))
+    history = json.load(open(out / "trainer_state.json"))["log_history"]
+    losses = [e["loss"] for e in history if "loss" in e]
+    assert [e["step"] for e in history if "eval_loss" in e] == [3, 6]
+    assert losses[-1] < losses[0]
+    assert not (out / "model.safetensors").exists()  # adapters only
+    assert (out / "adapter_model.safetensors").is_file()
+
+    from peft import PeftModel
+
+    stock = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama3_style_base), str(out)).eval()
+    ours = load_pretrained_model(str(out), device="cpu")
+    assert ours.kind == "lora" and ours.template == "llama_3"
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, ours.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_text_only_full_finetuning_learns_and_refuses_image_records(tmp_path, tiny_parts, color_data):
+    out = tmp_path / "full"
+    train_module.train(argv=_argv(tiny_parts["llm"], tmp_path, out, "--max_steps", "6", "--learning_rate", "3e-3"))
+    losses = [e["loss"] for e in json.load(open(out / "trainer_state.json"))["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0]
+    loaded = load_pretrained_model(str(out), device="cpu")
+    assert loaded.kind == "text" and loaded.image_processor is None
+    assert type(AutoModelForCausalLM.from_pretrained(str(out))).__name__ == "LlamaForCausalLM"  # a stock folder
+    with pytest.raises(ValueError, match="has an image, but this run has no vision tower"):
+        train_module.train(argv=["--model_name_or_path", tiny_parts["llm"], "--data_path", color_data["data_path"],
+                                 "--image_folder", color_data["image_folder"], "--output_dir", str(tmp_path / "img"),
+                                 "--max_steps", "1", "--report_to", "none"])
+
+
+def test_lora_target_list_adapts_exactly_those_layers_of_the_language_model(tiny_parts):
+    loaded = assemble_model(tiny_parts["llm"], tiny_parts["clip"])
+    layers = loaded.model.config.text_config.num_hidden_layers
+    names = lora_target_names(loaded.model, "q_proj,v_proj")
+    assert len(names) == 2 * layers and all(n.startswith("model.language_model.") for n in names)
+    every = lora_target_names(loaded.model)
+    assert len(every) == 7 * layers  # q k v o gate up down; never the tower, the projector or lm_head
+    with pytest.raises(ValueError, match=r"matches no linear layer .* named \['down_proj', 'gate_proj'"):
+        lora_target_names(loaded.model, "c_attn")
+    peft_model = apply_lora(loaded.model, r=4, alpha=8, target_modules="q_proj,v_proj")
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in peft_model.named_parameters() if ".lora_A" in n}
+    assert len(adapted) == 2 * layers and all("vision_tower" not in n for n in adapted)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt2"])
+def test_all_linear_finds_every_linear_layer_whatever_its_name(family):
+    torch.manual_seed(0)
+    if family == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=4, pad_token_id=0))
+        expected = {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    else:
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+        expected = {"c_attn", "c_proj", "c_fc"}
+    names = lora_target_names(model)
+    assert {n.rsplit(".", 1)[-1] for n in names} == expected
+    assert len(names) == 2 * (4 if family == "gpt2" else len(expected))  # GPT-2 has c_proj in attention and MLP
+    peft_model = apply_lora(model, r=4, alpha=8)
+    assert sum(".lora_A" in n for n, _ in peft_model.named_parameters()) == len(names)
+
+
+def test_a_lora_target_list_matching_nothing_stops_the_run_before_training(tmp_path, tiny_parts, color_data):
+    with pytest.raises(ValueError, match="--lora_target_modules qkv: matches no linear layer"):
+        train_module.train(argv=["--model_name_or_path", tiny_parts["llm"], "--vision_tower", tiny_parts["clip"],
+                                 "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
+                                 "--output_dir", str(tmp_path / "out"), "--lora_enable", "True",
+                                 "--lora_target_modules", "qkv", "--max_steps", "1", "--report_to", "none"])
