@@ -199,6 +199,8 @@ def render_report(metrics: Mapping, plots: Mapping[str, str], notes: list[str] |
         lines.append(f"References from: `{inputs['references']}`")
     lines += [f"Records: {counts.get('records', 0)} ({counts.get('caption', 0)} captions, "
               f"{counts.get('vqa', 0)} VQA questions)", ""]
+    if metrics.get("task_unlabelled"):
+        lines += [f"**Kind not labelled.** {metrics['task_unlabelled']}", ""]
 
     if counts.get("caption"):
         lines += [f"## Captions ({counts['caption']} images)", "", "| metric | score |", "|---|---|"]

@@ -5,7 +5,8 @@
 
 Each line is one question: `id`, `prediction`, `references` (list of strings), and optionally
 `answer_type`, `question_type`, `source`. With `--task auto` (the default) a line is a caption
-when its `question_type` or `task` is "caption" (any case) and a VQA question otherwise;
+when its `question_type` or `task` is "caption" (any case) and a VQA question otherwise, and a
+line with neither field is scored both ways (metrics.json and report.md say so);
 `--task caption` or `--task vqa` treats every line as that task.
 
 Captions get BLEU-1..4, METEOR, ROUGE-L and CIDEr from pycocoevalcap (the COCO caption toolkit);
@@ -139,6 +140,17 @@ def task_of(record: dict, task: str = "auto") -> str:
     return CAPTION if any(isinstance(v, str) and v.strip().lower() == CAPTION for v in labels) else VQA
 
 
+def _kind_labelled(record: dict) -> bool:
+    """Whether a line says its kind: a non-empty `question_type` or `task`."""
+    return any(isinstance(record.get(k), str) and record[k].strip() for k in ("question_type", "task"))
+
+
+UNLABELLED_NOTE = ("{n} of {total} lines have no `question_type` or `task`, so their kind (caption or VQA) is not "
+                   "labelled: they are scored both as captions (BLEU, METEOR, ROUGE-L, CIDEr) and as VQA (accuracy). "
+                   "Choose with `--task caption` or `--task vqa`, or give each line a `task` (\"caption\" or "
+                   "\"vqa\") or a `question_type`.")
+
+
 def _check_records(records: list[dict]) -> list[dict]:
     """Records with `references` as a list of strings; ValueError naming every malformed or duplicate id."""
     problems, seen, clean = [], set(), []
@@ -179,7 +191,8 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
     Returns a flat dict: caption metrics under pycocoevalcap's names (`Bleu_1`..`Bleu_4`, `METEOR`,
     `ROUGE_L`, `CIDEr`) plus `caption_tokenization`; VQA `vqa_accuracy`, `closed_accuracy`,
     `open_accuracy`, `per_question_type`, `per_source`; always `counts` and `skipped`
-    ({metric or tool: why it was not computed as the toolkit would}).
+    ({metric or tool: why it was not computed as the toolkit would}). Lines with no `question_type` or
+    `task` (with `task` "auto") count as both kinds; `task_unlabelled` then says so and how to choose.
 
     VQA questions also get `per_group` ({field: table} for each field of `group_by`) and, for closed
     questions, `per_answer` and `confusion_matrix` (`eval.looking`). With `blind` (the lines of a
@@ -194,11 +207,17 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
     if references is not None:
         records = apply_references(records, references)
     records = _check_records(records)
-    captions = [r for r in records if task_of(r, task) == CAPTION]
+    # Lines that do not say their kind are scored both ways: a caption file would otherwise get only VQA
+    # exact match (0%), a VQA file only BLEU; `task_unlabelled` says so and how to choose.
+    unlabelled = {id(r) for r in records if task == "auto" and not _kind_labelled(r)}
+    captions = [r for r in records if task_of(r, task) == CAPTION or id(r) in unlabelled]
     questions = [r for r in records if task_of(r, task) == VQA]
 
     metrics: dict = {}
     counts = {"records": len(records), "caption": len(captions), "vqa": len(questions)}
+    if unlabelled:
+        counts["unlabelled"] = len(unlabelled)
+        metrics["task_unlabelled"] = UNLABELLED_NOTE.format(n=len(unlabelled), total=len(records))
     skipped: dict[str, str] = {}
     if captions:
         result = score_captions({str(r["id"]): r["prediction"] for r in captions},
@@ -260,7 +279,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default=None,
                         help="report folder (default: <predictions folder>/<predictions name>_report)")
     parser.add_argument("--task", choices=TASKS, default="auto",
-                        help="caption, vqa, or auto: caption when question_type or task is 'caption' (default)")
+                        help="caption, vqa, or auto: caption when question_type or task is 'caption', both ways "
+                             "when a line has neither (default)")
     parser.add_argument("--trainer-state", "--trainer_state", default=None,
                         help="trainer_state.json for the loss curve (default: found under --model-path)")
     parser.add_argument("--model-path", "--model_path", default=None,

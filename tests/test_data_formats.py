@@ -1,8 +1,10 @@
 """The data users bring: LLaVA JSON/JSONL, `messages` (OpenAI / TRL / LLaMA-Factory) and formatted `text`,
 read by one reader (`llava_tiny.data.load_samples`) into one form that training, the checks,
-`data_tools` and `eval.generate` share; bad records name the file, the record and what was expected."""
+`data_tools` and `eval.generate` share; bad records name the file, the record and what was expected.
+Prediction lines that do not say whether they are captions or VQA are scored both ways."""
 import json
 import logging
+import shutil
 
 import pytest
 from PIL import Image
@@ -12,6 +14,8 @@ from data_tools.stats import describe
 from data_tools.validate import main as validate_main
 from data_tools.validate import validate_samples
 from eval.generate import expand_questions
+from eval.report import write_report
+from eval.score import score_predictions
 from llava_tiny.checks import check_length, check_samples
 from llava_tiny.conversation import IGNORE_INDEX, prepare_tokenizer, tokenize_prompt, tokenize_sample
 from llava_tiny.data import DataFileError, load_samples
@@ -152,3 +156,21 @@ def test_validate_stats_and_generate_read_the_same_formats(tmp_path, folder, tok
     assert questions[1].history == [("What color?<image>", "Red.")]
     assert tokenize_prompt(questions[0].question, tok, "vicuna_v1", 3, system=questions[0].system)[:8] == \
         tok("Answer in one word. USER:").input_ids[:8]
+
+
+def test_eval_score_scores_lines_of_no_stated_kind_both_ways(tmp_path, monkeypatch):
+    real_which = shutil.which  # no java: METEOR and the PTB tokenizer are skipped (slow to start; not the point)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None if name == "java" else real_which(name, *a, **k))
+    lines = [{"id": f"c{i}", "prediction": p, "references": [r]} for i, (p, r) in enumerate([
+        ("a red square on white", "a red square on a white background"), ("two blue dots", "two small blue dots")])]
+    metrics = score_predictions(lines)
+    assert metrics["Bleu_1"] > 0.5 and metrics["vqa_accuracy"] == 0.0  # a caption file: BLEU tells, exact match not
+    assert metrics["counts"]["unlabelled"] == 2 and "--task caption" in metrics["task_unlabelled"]
+    write_report(metrics, str(tmp_path))
+    with open(tmp_path / "metrics.json") as f:
+        assert "not labelled" in json.load(f)["task_unlabelled"]
+    assert "**Kind not labelled.** 2 of 2 lines" in (tmp_path / "report.md").read_text()
+    chosen = score_predictions(lines, task="caption")
+    assert "task_unlabelled" not in chosen and "vqa_accuracy" not in chosen
+    labelled = score_predictions([{**line, "task": "caption"} for line in lines])
+    assert "task_unlabelled" not in labelled and labelled["Bleu_1"] == metrics["Bleu_1"]
