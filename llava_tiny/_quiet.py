@@ -44,7 +44,7 @@ def quiet_dependency_warnings() -> None:
 
 
 def announce_deepspeed_cpu_build() -> None:
-    """Say so before DeepSpeed compiles its CPU shared-memory comm op (once per cache folder, ~1 min):
+    """Say so before DeepSpeed compiles its CPU shared-memory comm op (once per cache folder, 1-2 min):
     otherwise the first CPU run sits silent while a C++ compiler runs. Printed by local rank 0 only."""
     if os.environ.get("LOCAL_RANK", "0") != "0":
         return
@@ -59,5 +59,5 @@ def announce_deepspeed_cpu_build() -> None:
         return
     folder = _get_build_directory(SHM_OP, verbose=False)
     if not os.path.isfile(os.path.join(folder, f"{SHM_OP}.so")):
-        print(f"building DeepSpeed's CPU communication op once, ~1 min (cached in {folder}; "
+        print(f"building DeepSpeed's CPU communication op once, 1-2 min (cached in {folder}; "
               "set TORCH_EXTENSIONS_DIR to keep it elsewhere)", file=sys.stderr, flush=True)

@@ -51,7 +51,7 @@ def test_the_first_deepspeed_cpu_run_is_announced_once(tmp_path, monkeypatch, ca
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.setenv("LOCAL_RANK", "0")
     announce_deepspeed_cpu_build()
-    assert "building DeepSpeed's CPU communication op once, ~1 min" in capsys.readouterr().err
+    assert "building DeepSpeed's CPU communication op once, 1-2 min" in capsys.readouterr().err
     monkeypatch.setenv("LOCAL_RANK", "1")  # other ranks wait on the same build: one line is enough
     announce_deepspeed_cpu_build()
     assert capsys.readouterr().err == ""
