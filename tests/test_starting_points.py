@@ -4,17 +4,22 @@ transformers, torch and safetensors only, never with this project's code."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig,
                           LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
 from llava_tiny.convert_bin import main as convert_bin
+from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
 from llava_tiny.model.builder import load_pretrained_model
 from llava_tiny.train import train as train_module
 from llava_tiny.train.arguments import FlagError
+from test_deepspeed import ROOT, _free_port
 
 FIXTURE_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "llama2-tokenizer")
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -146,3 +151,26 @@ def test_a_folder_with_nothing_loadable_says_what_it_found(tmp_path, color_data)
     (tmp_path / "empty" / "notes.txt").write_text("no model here")
     with pytest.raises(FlagError, match=r"holds no model: expected model.safetensors .* found \['notes.txt'\]"):
         _train(str(tmp_path / "empty"), color_data, tmp_path / "out", "--max_steps", "1")
+
+
+@pytest.mark.slow
+def test_the_seed_command_from_a_llava_folder_runs_zero3_lora_on_two_processes(tmp_path, stock_llava, color_data):
+    """LLaVA users' command with a finished LLaVA as --model_name_or_path and --version v1 (no --vision_tower):
+    DeepSpeed ZeRO-3 + LoRA, two CPU processes, to the end; the checkpoint reloads and answers."""
+    out = tmp_path / "out"
+    deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "llava_tiny/train/train_mem.py",
+           "--deepspeed", "zero_configs/zero3.json", "--model_name_or_path", stock_llava, "--version", "v1",
+           "--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-3",
+           "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
+           "--bf16", "True", "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+           "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "2e-3", "--logging_steps", "1",
+           "--report_to", "none", "--dataloader_num_workers", "0"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".torch_extensions")))
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    loaded = load_pretrained_model(str(out), device="cpu")
+    assert loaded.kind == "lora" and loaded.template == "vicuna_v1"
+    prompt = build_prompt(loaded, "<image>\nWhat color is the image?", [Image.new("RGB", (30, 30), (200, 20, 20))])
+    assert isinstance(generate_batch(loaded, [prompt], GenerationSettings(max_new_tokens=3))[0], str)

@@ -17,7 +17,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-from ..conversation import prepare_tokenizer
+from ..conversation import get_template, prepare_tokenizer
 from .assembly import (LoadedModel, _resize_embeddings, assemble_model, attach_vision, build_processor,  # noqa: F401
                        count_parameters, load_text_model, resolve_dtype)
 from .checkpoints import (ADAPTER_CONFIG, checkpoint_kind, load_non_lora_trainables, load_projector_weights, read_config,
@@ -72,7 +72,7 @@ def load_checkpoint(model_path: str, model_base: str | None = None, dtype: torch
 
 def _load_llava(path: str, version: str | None, attn_implementation=None, **options) -> LoadedModel:
     config = read_config(path)
-    config.conversation_template = version or config.conversation_template
+    config.conversation_template = get_template(version).name if version else config.conversation_template
     model = LlavaTinyForCausalLM.from_pretrained(path, config=config, dtype=options["dtype"], key_mapping=STOCK_KEY_LAYOUT,
                                                  quantization_config=options["quantization_config"],
                                                  trust_remote_code=options["trust_remote_code"],
