@@ -76,9 +76,9 @@ def merge_lora_checkpoint(model_path: str, save_path: str, model_base: str | Non
     """Merge the LoRA checkpoint at `model_path` and save the full model to `save_path`.
 
     Returns the max |logit difference| between the merged and unmerged model on the probe input;
-    raises `MergeMismatchError` (writing nothing) when it exceeds `tolerance`.
+    raises `MergeMismatchError` (writing nothing) when it exceeds `tolerance`. LLaVA's own LoRA layout
+    merges as it loads (its adapter sits on the bare LLM): the difference is then 0 by construction.
     """
-
     require_empty_dir(save_path)
     kind = checkpoint_kind(model_path)
     if kind != "lora":
@@ -87,6 +87,11 @@ def merge_lora_checkpoint(model_path: str, save_path: str, model_base: str | Non
     dtype = recorded_dtype(model_path) if save_dtype == "auto" else DTYPES[save_dtype]
     loaded = load_pretrained_model(model_path, model_base=model_base, device="cpu", dtype=torch.float32,
                                    merge_lora=False)
+    if not hasattr(loaded.model, "merge_and_unload"):
+        logger.info("%s is LLaVA's own LoRA layout: merged while loading", model_path)
+        loaded.model.to(dtype)
+        loaded.save_pretrained(save_path)
+        return 0.0
     probe = probe_inputs(loaded)
     with torch.no_grad():
         unmerged_logits = loaded.model(**probe).logits

@@ -153,6 +153,61 @@ def test_a_folder_with_nothing_loadable_says_what_it_found(tmp_path, color_data)
         _train(str(tmp_path / "empty"), color_data, tmp_path / "out", "--max_steps", "1")
 
 
+@pytest.fixture(scope="module")
+def original_llava_lora(tmp_path_factory, original_llava):
+    """LLaVA's own LoRA output, as pickles: adapter_model.bin (peft on the bare Llama names),
+    non_lora_trainables.bin (`base_model.model.model.mm_projector.*`), a `llava_llama` config."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    root = tmp_path_factory.mktemp("original_lora")
+    base, folder = str(root / "vicuna"), str(root / "lora")
+    tokenizer = _tokenizer(with_image=False)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **TEXT)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(base), LoraConfig(r=4, lora_alpha=8,
+                                                                                   target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(folder, safe_serialization=False)
+    projector = {f"base_model.model.model.mm_projector.{i}.{kind}": torch.randn(32, 32) if kind == "weight"
+                 else torch.randn(32) for i in (0, 2) for kind in ("weight", "bias")}
+    torch.save(projector, os.path.join(folder, "non_lora_trainables.bin"))
+    config = json.load(open(os.path.join(original_llava["folder"], "config.json")))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    tokenizer.save_pretrained(folder)
+    return {"folder": folder, "merged": peft_model.merge_and_unload(), "projector": projector}
+
+
+def test_llavas_own_lora_output_is_refused_as_pickles_then_loads_converted_and_merged(tmp_path, original_llava_lora):
+    with pytest.raises(ValueError, match="only pickled weights .*convert_bin_to_safetensors.py"):
+        load_pretrained_model(original_llava_lora["folder"], device="cpu")
+    assert convert_bin([original_llava_lora["folder"], str(tmp_path / "converted")]) == 0
+    loaded = load_pretrained_model(str(tmp_path / "converted"), device="cpu")
+    assert loaded.kind == "lora"
+    assert torch.equal(loaded.model.model.multi_modal_projector.linear_2.bias,
+                       original_llava_lora["projector"]["base_model.model.model.mm_projector.2.bias"])
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701]])
+    with torch.no_grad():
+        expected = original_llava_lora["merged"].eval()(input_ids=ids).logits
+        got = loaded.model(input_ids=ids).logits[..., :expected.shape[-1]]  # <image> was added after the vocabulary
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_folder_of_this_project_is_merged_then_trained_further(tmp_path, tiny_parts, color_data):
+    argv = ["--vision_tower", tiny_parts["clip"], "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8",
+            "--max_steps", "3", "--learning_rate", "1e-2"]
+    _train(tiny_parts["llm"], color_data, tmp_path / "lora", *argv)
+    _train(str(tmp_path / "lora"), color_data, tmp_path / "more", "--max_steps", "1", "--learning_rate", "0")
+    merged = load_pretrained_model(str(tmp_path / "lora"), device="cpu").model.state_dict()
+    saved = load_file(str(tmp_path / "more" / "model.safetensors"))
+    assert set(saved) <= set(merged) and len(saved) > 40  # a tied lm_head is saved once
+    assert all(torch.equal(saved[k], merged[k]) for k in saved)
+
+
 @pytest.mark.slow
 def test_the_seed_command_from_a_llava_folder_runs_zero3_lora_on_two_processes(tmp_path, stock_llava, color_data):
     """LLaVA users' command with a finished LLaVA as --model_name_or_path and --version v1 (no --vision_tower):

@@ -15,14 +15,16 @@ from __future__ import annotations
 import os
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
 from ..conversation import get_template, prepare_tokenizer
 from .assembly import (LoadedModel, _resize_embeddings, assemble_model, attach_vision, build_processor,  # noqa: F401
                        count_parameters, load_text_model, resolve_dtype)
-from .checkpoints import (ADAPTER_CONFIG, checkpoint_kind, load_non_lora_trainables, load_projector_weights, read_config,
-                          read_json)
-from .llava_original import projector_state, text_config_dict
+from .checkpoints import (ADAPTER_CONFIG, NON_LORA_FILE, checkpoint_kind, load_non_lora_trainables,
+                          load_projector_weights, read_config, read_json)
+from .llava_original import (is_llava_original, pickled_weights_error, projector_from, projector_state,
+                             text_config_dict)
 from .modeling import LlavaTinyForCausalLM
 
 
@@ -113,6 +115,8 @@ def _load_llava_original(path: str, version: str | None, vision_tower: str | Non
 def _load_on_base(kind: str, path: str, model_base: str | None, merge_lora: bool, version: str | None,
                   options: dict) -> LoadedModel:
     config = read_json(os.path.join(path, "config.json"))
+    if is_llava_original(config):
+        return _load_llava_original_lora(path, config, model_base, version, options)
     if config.get("model_type") not in ("llava", "llava_tiny"):  # a text-only LoRA
         base = model_base or config.get("mm_base_model") or \
             read_json(os.path.join(path, ADAPTER_CONFIG)).get("base_model_name_or_path")
@@ -139,6 +143,29 @@ def _load_on_base(kind: str, path: str, model_base: str | None, merge_lora: bool
     loaded.model = peft_model.merge_and_unload() if merge_lora else peft_model
     if os.path.isfile(os.path.join(path, "tokenizer_config.json")):
         loaded.tokenizer = AutoTokenizer.from_pretrained(path)
+    return loaded
+
+
+def _load_llava_original_lora(path: str, original: dict, model_base: str | None, version: str | None,
+                              options: dict) -> LoadedModel:
+    """LLaVA's own LoRA output: the adapter (on its Llama names) merged into the base LLM, then the tower from
+    `mm_vision_tower` and the projector from `non_lora_trainables` attached. Loads merged."""
+    from peft import PeftModel
+
+    pickles = [n for n in os.listdir(path) if n.endswith(".bin") and n != "training_args.bin"]
+    if pickles:
+        raise pickled_weights_error(path, pickles)
+    base = model_base or read_json(os.path.join(path, ADAPTER_CONFIG)).get("base_model_name_or_path")
+    text = load_text_model(base, version or "llava_v1", **options)
+    text.model = PeftModel.from_pretrained(text.model, path).merge_and_unload()
+    loaded = attach_vision(text, original["mm_vision_tower"], original.get("mm_projector_type", "linear"),
+                           original.get("mm_vision_select_layer", -2),
+                           "full" if original.get("mm_vision_select_feature") == "cls_patch" else None, llm_path=base,
+                           attn_implementation=options["attn_implementation"],
+                           trust_remote_code=options["trust_remote_code"], cache_dir=options["cache_dir"])
+    projector = projector_from(load_file(os.path.join(path, NON_LORA_FILE)), path)
+    loaded.model.model.multi_modal_projector.load_state_dict(
+        {k: v.to(options["dtype"]) for k, v in projector.items()}, strict=True)
     return loaded
 
 

@@ -56,21 +56,27 @@ def weight_files(folder: str) -> list[str]:
     raise FileNotFoundError(f"{folder}: a LLaVA config.json but no weights; expected model*.safetensors")
 
 
-def projector_state(folder: str) -> dict:
-    """The projector's weights renamed for `MlpProjector` (`linear_1`, `linear_2`, ...)."""
+def projector_from(tensors: dict, where: str) -> dict:
+    """LLaVA's `model.mm_projector.*` tensors renamed for `MlpProjector` (`linear_1`, `linear_2`, ...)."""
     state = {}
-    for path in weight_files(folder):
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                match = _PROJECTOR_KEY.match(key)
-                if match:
-                    index, kind = match.groups()
-                    layer = 1 if index is None else int(index) // 2 + 1
-                    state[f"linear_{layer}.{kind}"] = f.get_tensor(key)
+    for key, tensor in tensors.items():
+        match = _PROJECTOR_KEY.match(key.removeprefix("base_model.model."))  # peft's prefix in LoRA folders
+        if match:
+            index, kind = match.groups()
+            state[f"linear_{1 if index is None else int(index) // 2 + 1}.{kind}"] = tensor
     if not state:
-        raise ValueError(f"{folder}: no model.mm_projector.* weights found; expected LLaVA's projector "
+        raise ValueError(f"{where}: no model.mm_projector.* weights found; expected LLaVA's projector "
                          "(model.mm_projector.0.weight, ...)")
     return state
+
+
+def projector_state(folder: str) -> dict:
+    """The projector of a LLaVA-layout folder, read from its safetensors."""
+    tensors = {}
+    for path in weight_files(folder):
+        with safe_open(path, framework="pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys() if "mm_projector" in key})
+    return projector_from(tensors, folder)
 
 
 def read_original_config(folder: str) -> dict:
