@@ -246,6 +246,13 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
     return _fit(input_ids, labels, turn_ends, model_max_length, sample_id, needed)
 
 
+def _leading_special_ids(tokenizer) -> list[int]:
+    """What the tokenizer puts before any text (BOS, or nothing)."""
+    with_special, plain = tokenizer("a").input_ids, tokenizer("a", add_special_tokens=False).input_ids
+    start = next((i for i in range(len(with_special)) if with_special[i:i + len(plain)] == plain), 0)
+    return with_special[:start]
+
+
 def tokenize_text(text: str, tokenizer, num_image_tokens: int = 576, num_images: int | None = None,
                   model_max_length: int | None = None, sample_id=None) -> TokenizedConversation:
     """A record with only a formatted `text` (SFTTrainer's `dataset_text_field`): every token supervised.
@@ -260,9 +267,8 @@ def tokenize_text(text: str, tokenizer, num_image_tokens: int = 576, num_images:
         raise ConversationError(f"sample {sample_id!r}: {mismatch}")
     if tokenizer.eos_token and not text.rstrip().endswith(tokenizer.eos_token):
         text = text + tokenizer.eos_token
-    image_token_id = _image_token_id(tokenizer)
-    alone = tokenizer(IMAGE_TOKEN).input_ids
-    bos = alone[:alone.index(image_token_id)]  # what the tokenizer puts before any text (BOS or nothing)
+    image_token_id = _image_token_id(tokenizer) if num_image_tokens else None  # text-only models have none
+    bos = _leading_special_ids(tokenizer)
     input_ids = bos + _encode_chunk(tokenizer, text, tokenizer.bos_token if bos else "", image_token_id,
                                     num_image_tokens)
     labels = [IGNORE_INDEX if i < len(bos) or token == image_token_id else token for i, token in enumerate(input_ids)]

@@ -89,6 +89,9 @@ def test_text_records_supervise_every_token_and_warn_once(tmp_path, tok, folder,
     image = tokenize_sample(samples[1], tok, "vicuna_v1", 3)
     image_id = tok.convert_tokens_to_ids("<image>")
     assert image.input_ids.count(image_id) == 3 and image_id not in image.labels
+    # A text-only model (no <image> token, no image placeholders) reads the same records.
+    plain = AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
+    assert tokenize_sample(samples[0], plain, "vicuna_v1", 0).input_ids == out.input_ids
     cut = tokenize_sample(samples[0], tok, "vicuna_v1", 3, model_max_length=5)
     assert cut.input_ids == out.input_ids[:5] and cut.dropped_turns == 1
     assert check_length(samples[1], "t2", tok, "vicuna_v1", 3, model_max_length=3).problem[0] == "too_long"
