@@ -30,7 +30,7 @@ from tqdm import tqdm
 from llava_tiny.checks import check_samples
 from llava_tiny.conversation import IMAGE_TOKEN, ConversationError, conversation_turns
 from llava_tiny.data import load_samples, record_format, sample_id
-from llava_tiny.images import ASPECT_RATIOS, IMAGE_BACKGROUNDS, load_image
+from llava_tiny.images import add_image_flags, load_image
 from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
 
 logger = logging.getLogger("eval.generate")
@@ -260,9 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
     parser.add_argument("--conv-mode", "--conv_mode", default=None,
                         help="chat template (default: the one the checkpoint was trained with)")
-    parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default="pad")
-    parser.add_argument("--image-background", "--image_background", choices=IMAGE_BACKGROUNDS, default="white",
-                        help="what transparent pixels become: white, or the processor's mean colour (default white)")
+    add_image_flags(parser)
     parser.add_argument("--blank-images", action="store_true",
                         help="replace every image by a blank one of the same size (blind control)")
     parser.add_argument("--allow-images-outside-folder", action="store_true")

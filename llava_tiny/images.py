@@ -105,3 +105,10 @@ def preprocess_images(images: list[Image.Image], image_processor, aspect_ratio: 
     elif aspect_ratio == "square":
         images = [img.resize(_target_size(image_processor), Image.BICUBIC) for img in images]
     return image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def add_image_flags(parser) -> None:
+    """`--image-aspect-ratio` and `--image-background`, the same for every command that reads images."""
+    parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default="pad")
+    parser.add_argument("--image-background", "--image_background", choices=IMAGE_BACKGROUNDS, default="white",
+                        help="what transparent pixels become: white, or the processor's mean colour (default white)")

@@ -15,6 +15,7 @@ from PIL import Image
 
 from .conversation import IMAGE_TOKEN, get_template, marker_problem, stop_token_ids, tokenize_prompt
 from .images import preprocess_images
+from .model.modeling import image_seq_length, unwrap_model
 
 
 @dataclass
@@ -38,11 +39,6 @@ class GenerationSettings:
     image_background: str = "white"  # what transparent pixels become: "white" or "mean" (`images.to_rgb`)
 
 
-def base_model(model):
-    """The LLaVA model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def template_name(loaded, conv_mode: str | None = None) -> str:
     """`conv_mode` if given (LLaVA's `--conv-mode`), else the template the checkpoint was trained with."""
     return get_template(conv_mode).name if conv_mode else loaded.template
@@ -60,7 +56,9 @@ def build_prompt(loaded, question: str, images: list[Image.Image] = (), history:
     mismatch = marker_problem(markers, len(images))
     if mismatch:
         raise ValueError(f"prompt: {mismatch}")
-    num_image_tokens = base_model(loaded.model).config.image_seq_length
+    num_image_tokens = image_seq_length(loaded.model)
+    if images and not num_image_tokens:
+        raise ValueError("prompt: images were given, but this model has no vision tower (a text-only model)")
     ids = tokenize_prompt(question, loaded.tokenizer, template_name(loaded, conv_mode), num_image_tokens,
                           history=list(history), system=system)
     return Prompt(input_ids=ids, images=list(images))
@@ -84,7 +82,7 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def _pad_id(loaded) -> int:
     tokenizer = loaded.tokenizer
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id == base_model(loaded.model).config.image_token_index:
+    if pad_id == getattr(unwrap_model(loaded.model).config, "image_token_index", None):
         # LLaVA finds image slots by id: padding with it would claim image features for pad positions.
         raise ValueError(f"the tokenizer pads with the image token id {pad_id}; set a different pad token")
     return pad_id
@@ -127,7 +125,7 @@ def generate_ids(loaded, prompts: list[Prompt], settings: GenerationSettings | N
         raise ValueError("beam search (num_beams > 1) with several images in one prompt is not supported: "
                          "transformers expands pixel_values per image, not per prompt; use num_beams 1")
     model = loaded.model
-    llava = base_model(model)
+    llava = unwrap_model(model)
     device, dtype = llava.device, llava.dtype
     pad_id = _pad_id(loaded)
     input_ids, attention_mask, position_ids = left_pad([p.input_ids for p in prompts], pad_id)
@@ -154,8 +152,12 @@ def generate_ids(loaded, prompts: list[Prompt], settings: GenerationSettings | N
 
 
 def probe_inputs(loaded, question: str = "<image>\nDescribe the image in detail.") -> dict[str, torch.Tensor]:
-    """A fixed prompt and a synthetic (deterministic, non-uniform) image, for parity checks."""
-    llava = base_model(loaded.model)
+    """A fixed prompt and a synthetic (deterministic, non-uniform) image, for parity checks (the prompt
+    without its image for a text-only model)."""
+    llava = unwrap_model(loaded.model)
+    if not image_seq_length(llava):
+        prompt = build_prompt(loaded, question.replace(IMAGE_TOKEN, "").strip())
+        return {"input_ids": torch.tensor([prompt.input_ids], device=llava.device)}
     size = llava.config.vision_config.image_size
     gradient = Image.linear_gradient("L").resize((size, size))
     image = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))

@@ -119,3 +119,26 @@ def test_a_lora_target_list_matching_nothing_stops_the_run_before_training(tmp_p
                                  "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
                                  "--output_dir", str(tmp_path / "out"), "--lora_enable", "True",
                                  "--lora_target_modules", "qkv", "--max_steps", "1", "--report_to", "none"])
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + "
+          "'\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_without_version_a_tokenizer_with_a_chat_template_uses_it_and_says_so(tmp_path, tiny_parts, caplog):
+    folder = str(tmp_path / "chatml-llm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_parts["llm"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    model = AutoModelForCausalLM.from_pretrained(tiny_parts["llm"])
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    with caplog.at_level("INFO"):
+        loaded = assemble_model(folder, tiny_parts["clip"])
+    assert loaded.template == "auto"
+    assert any("auto" in r.getMessage() and "template" in r.getMessage() for r in caplog.records)
+    prompt = loaded.processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": "What color?"}]}], add_generation_prompt=True)
+    assert prompt.startswith("<|im_start|>user\n<image>") and prompt.endswith("<|im_start|>assistant\n")
+    assert assemble_model(tiny_parts["llm"], tiny_parts["clip"]).template == "llava_v1"  # no chat template

@@ -91,7 +91,7 @@ def build_processor(image_processor, tokenizer, config: LlavaTinyConfig, templat
     return LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-        chat_template=chat_template_jinja(template), image_token=IMAGE_TOKEN,
+        chat_template=chat_template_jinja(template, tokenizer), image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if has_cls else 0)
 
 
@@ -121,7 +121,7 @@ class LoadedModel:
 
 def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type: str = "mlp2x_gelu",
                    mm_vision_select_layer: int = -2, vision_select_strategy: str | None = None,
-                   version: str = "llava_v1", dtype: torch.dtype | None = None, attn_implementation: str | None = None,
+                   version: str | None = None, dtype: torch.dtype | None = None, attn_implementation: str | None = None,
                    quantization_config=None, trust_remote_code: bool = False,
                    cache_dir: str | None = None) -> LoadedModel:
     """Build a LLaVA from a pretrained causal LM and a pretrained CLIP/SigLIP tower, with no ghost.
@@ -136,15 +136,15 @@ def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type
                          trust_remote_code=trust_remote_code, cache_dir=cache_dir)
 
 
-def load_text_model(model_name_or_path: str, version: str = "llava_v1", dtype: torch.dtype | None = None,
+def load_text_model(model_name_or_path: str, version: str | None = None, dtype: torch.dtype | None = None,
                     attn_implementation: str | None = None, quantization_config=None, trust_remote_code: bool = False,
                     cache_dir: str | None = None, config=None, image_token: bool = True) -> LoadedModel:
     """A causal LM and its tokenizer, prepared for `version`'s template; with `image_token` False (a text-only
     run) no `<image>` token is added, so the saved model keeps the base vocabulary."""
     dtype = dtype or resolve_dtype()
-    template = get_template(version)
     hub = {"trust_remote_code": trust_remote_code, "cache_dir": cache_dir}  # for every from_pretrained
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **hub)
+    template = get_template(version, tokenizer)  # no version: the tokenizer's own template if usable (logged)
     prepare_tokenizer(tokenizer, template, image_token=image_token)
     llm = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=dtype, attn_implementation=attn_implementation,
                                                quantization_config=quantization_config, config=config, **hub)

@@ -62,7 +62,7 @@ def load_checkpoint(model_path: str, model_base: str | None = None, dtype: torch
         loaded = _load_llava(model_path, version, **options)
     elif kind == "text":
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        loaded = load_text_model(model_path, version or getattr(config, "conversation_template", "llava_v1"),
+        loaded = load_text_model(model_path, version or getattr(config, "conversation_template", None),
                                  image_token=False, **options)
     elif kind == "llava_original":
         loaded = _load_llava_original(model_path, version, vision_tower, **options)
@@ -100,7 +100,7 @@ def _load_llava_original(path: str, version: str | None, vision_tower: str | Non
         raise ValueError(f"{path}: LLaVA's config names no mm_vision_tower; pass --vision_tower")
     text = text_config_dict(original)
     config = AutoConfig.for_model(text.pop("model_type"), **text)
-    loaded = load_text_model(path, version or "llava_v1", config=config, **options)
+    loaded = load_text_model(path, version or "vicuna_v1", config=config, **options)  # what LLaVA-1.5 trained with
     strategy = "full" if original.get("mm_vision_select_feature") == "cls_patch" else None
     loaded = attach_vision(loaded, tower, original.get("mm_projector_type", "linear"),
                            original.get("mm_vision_select_layer", -2), strategy, llm_path=path,
@@ -120,7 +120,7 @@ def _load_on_base(kind: str, path: str, model_base: str | None, merge_lora: bool
     if config.get("model_type") not in ("llava", "llava_tiny"):  # a text-only LoRA
         base = model_base or config.get("mm_base_model") or \
             read_json(os.path.join(path, ADAPTER_CONFIG)).get("base_model_name_or_path")
-        loaded = load_checkpoint(base, version=version or config.get("conversation_template", "llava_v1"), **options)
+        loaded = load_checkpoint(base, version=version or config.get("conversation_template"), **options)
     else:
         recorded = read_config(path)
         if recorded.mm_base_model and not model_base:
@@ -156,7 +156,7 @@ def _load_llava_original_lora(path: str, original: dict, model_base: str | None,
     if pickles:
         raise pickled_weights_error(path, pickles)
     base = model_base or read_json(os.path.join(path, ADAPTER_CONFIG)).get("base_model_name_or_path")
-    text = load_text_model(base, version or "llava_v1", **options)
+    text = load_text_model(base, version or "vicuna_v1", **options)
     text.model = PeftModel.from_pretrained(text.model, path).merge_and_unload()
     loaded = attach_vision(text, original["mm_vision_tower"], original.get("mm_projector_type", "linear"),
                            original.get("mm_vision_select_layer", -2),

@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..images import ASPECT_RATIOS
+from ..images import add_image_flags
 from .chat_request import ApiError, ChatRequest, Limits, prepare
 from .engine import Completion, Engine
 
@@ -221,7 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="the largest max_tokens a request may ask for")
     parser.add_argument("--default-max-tokens", type=int, default=Limits.default_max_tokens,
                         help="new tokens when a request does not say")
-    parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default="pad")
+    add_image_flags(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if not is_loopback(args.host) and not args.api_key and not args.insecure_no_api_key:
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loaded = load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device)
-    engine = Engine(loaded, args.conv_mode, args.max_batch_size, args.image_aspect_ratio)
+    engine = Engine(loaded, args.conv_mode, args.max_batch_size, args.image_aspect_ratio, args.image_background)
     model_id = args.served_model_name or os.path.basename(os.path.normpath(args.model_path))
     limits = Limits(max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                     max_new_tokens_limit=args.max_new_tokens_limit, default_max_tokens=args.default_max_tokens)

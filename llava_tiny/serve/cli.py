@@ -13,30 +13,35 @@ import argparse
 import sys
 
 from ..conversation import IMAGE_TOKEN
-from ..images import ASPECT_RATIOS, IMAGE_BACKGROUNDS, load_image
-from ..inference import GenerationSettings, build_prompt, generate_batch
+from ..images import add_image_flags, load_image
+from ..inference import build_prompt
+from .engine import Engine, Sampling
 
 EXIT_WORDS = ("exit", "quit")
 
 
 class ChatSession:
-    """A conversation about one image (or none): `ask` answers and remembers the turn."""
+    """A conversation about one image (or none) through the serving engine: `ask` streams the answer
+    and remembers the turn."""
 
-    def __init__(self, loaded, image=None, settings: GenerationSettings | None = None, conv_mode: str | None = None):
-        self.loaded = loaded
+    def __init__(self, engine: Engine, image=None, sampling: Sampling | None = None):
+        self.engine = engine
         self.images = [image] if image is not None else []
-        self.settings = settings or GenerationSettings()
-        self.conv_mode = conv_mode
+        self.sampling = sampling or Sampling()
         self.history: list[tuple[str, str]] = []
 
-    def ask(self, text: str) -> str:
-        """Answer `text` given the earlier turns; the image marker goes before the first question."""
+    def ask(self, text: str, on_delta=None) -> str:
+        """Answer `text` given the earlier turns (`on_delta` gets each piece of text as it is generated);
+        the image marker goes before the first question."""
         # Markers are ours to place: one typed by the user would ask for an image that is not there.
         question = text.replace(IMAGE_TOKEN, "").strip()
         if not self.history and self.images:
             question = f"{IMAGE_TOKEN}\n{question}"
-        prompt = build_prompt(self.loaded, question, self.images, self.history, self.conv_mode)
-        answer = generate_batch(self.loaded, [prompt], self.settings, self.conv_mode)[0]
+        prompt = build_prompt(self.engine.loaded, question, self.images, self.history, self.engine.conv_mode)
+        for event in self.engine.stream(prompt, self.sampling):
+            if isinstance(event, str) and on_delta is not None:
+                on_delta(event)
+        answer = event.text.strip()
         self.history.append((question, answer))
         return answer
 
@@ -53,10 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     parser.add_argument("--top-p", "--top_p", type=float, default=None)
-    parser.add_argument("--num-beams", "--num_beams", type=int, default=1)
-    parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default="pad")
-    parser.add_argument("--image-background", "--image_background", choices=IMAGE_BACKGROUNDS, default="white",
-                        help="what transparent pixels become: white, or the processor's mean colour (default white)")
+    add_image_flags(parser)
     parser.add_argument("--seed", type=int, default=None, help="fix the sampling seed")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     return parser.parse_args(argv)
@@ -64,37 +66,41 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None, stdin=None, stdout=None) -> int:
     """Run the chat; `stdin`/`stdout` default to the process's (tests pass their own streams)."""
-    import torch
-
     from ..model.builder import load_pretrained_model
 
     args = parse_args(argv)
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
     image = load_image(args.image_file) if args.image_file else None
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
     loaded = load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_p=args.top_p, num_beams=args.num_beams,
-                                  image_aspect_ratio=args.image_aspect_ratio, image_background=args.image_background)
-    chat = ChatSession(loaded, image, settings, args.conv_mode)
-    if args.query is not None:
-        print(chat.ask(args.query), file=stdout, flush=True)
-        return 0
-    interactive = stdin.isatty()
-    while True:
-        if interactive:
-            print("USER: ", end="", file=stdout, flush=True)
-        line = stdin.readline()
-        if not line:  # EOF
-            break
-        text = line.strip()
-        if not text:
-            continue
-        if text.lower() in EXIT_WORDS:
-            break
-        print(f"ASSISTANT: {chat.ask(text)}", file=stdout, flush=True)
+    engine = Engine(loaded, args.conv_mode, max_batch_size=1, image_aspect_ratio=args.image_aspect_ratio,
+                    image_background=args.image_background)
+    chat = ChatSession(engine, image, Sampling(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                               top_p=args.top_p, seed=args.seed))
+    try:
+        if args.query is not None:
+            print(chat.ask(args.query), file=stdout, flush=True)
+            return 0
+        interactive = stdin.isatty()
+        while True:
+            if interactive:
+                print("USER: ", end="", file=stdout, flush=True)
+            line = stdin.readline()
+            if not line:  # EOF
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.lower() in EXIT_WORDS:
+                break
+            print("ASSISTANT: ", end="", file=stdout, flush=True)
+            if interactive:  # the answer appears as it is generated
+                chat.ask(text, on_delta=lambda piece: print(piece, end="", file=stdout, flush=True))
+                print(file=stdout, flush=True)
+            else:
+                print(chat.ask(text), file=stdout, flush=True)
+    finally:
+        engine.close()
     return 0
 
 

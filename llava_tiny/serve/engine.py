@@ -152,9 +152,10 @@ class Engine:
     """Batches concurrent requests onto one model (see the module docstring). Thread-safe `submit`."""
 
     def __init__(self, loaded, conv_mode: str | None = None, max_batch_size: int = 16,
-                 image_aspect_ratio: str = "pad"):
+                 image_aspect_ratio: str = "pad", image_background: str = "white"):
         self.loaded, self.conv_mode = loaded, conv_mode
         self.max_batch_size, self.image_aspect_ratio = max_batch_size, image_aspect_ratio
+        self.image_background = image_background
         self.stop_ids = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
         self.byte_ids = {i for token, i in loaded.tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
         self.batch_sizes: list[int] = []  # every batch run, for tests and the benchmark
@@ -232,7 +233,8 @@ class Engine:
         first = batch[0].sampling
         settings = GenerationSettings(max_new_tokens=max(r.sampling.max_tokens for r in batch),
                                       temperature=first.temperature, top_p=first.top_p,
-                                      image_aspect_ratio=self.image_aspect_ratio)
+                                      image_aspect_ratio=self.image_aspect_ratio,
+                                      image_background=self.image_background)
         self.batch_sizes.append(len(batch))
         try:
             if first.temperature > 0 and first.seed is not None:

@@ -21,7 +21,7 @@ import os
 import sys
 from typing import Callable, Iterator
 
-from ..images import ASPECT_RATIOS
+from ..images import add_image_flags
 from .api import API_KEY_ENV, is_loopback
 
 AUTH_ENV = "LLAVA_TINY_WEB_AUTH"
@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--examples", default=None, help="folder of example images (default: MODEL/examples)")
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--image-aspect-ratio", choices=ASPECT_RATIOS, default="pad")
+    add_image_flags(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", default=os.environ.get(AUTH_ENV), help=f"user:password (default ${AUTH_ENV})")
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
         from .engine import Engine
 
         loaded = load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device)
-        engine = Engine(loaded, args.conv_mode, image_aspect_ratio=args.image_aspect_ratio)
+        engine = Engine(loaded, args.conv_mode, image_aspect_ratio=args.image_aspect_ratio,
+                        image_background=args.image_background)
         limits = Limits(max_new_tokens_limit=max(args.max_new_tokens, Limits.max_new_tokens_limit))
         answer = local_backend(engine, limits, args.temperature, args.max_new_tokens)
         description = (f"Checkpoint `{os.path.abspath(args.model_path)}` ({loaded.kind}), "

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import NamedTuple
 
 import torch
@@ -18,12 +19,16 @@ import transformers
 
 logger = logging.getLogger(__name__)
 
+# Well under HF's 30 minutes: a hung or dead rank ends the job in 10 minutes, not 30 (raise it for saves or
+# evaluations that keep the other ranks waiting longer).
+DDP_TIMEOUT = 600
+
 
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Causal LM (hub id or local folder), e.g. TinyLlama."})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP or SigLIP vision model (hub id or folder)."})
-    version: str = field(default="llava_v1", metadata={"help": "Conversation template (plain, v1/llava_v1, tinyllama, llama_3, chatml)."})
+    version: str | None = field(default=None, metadata={"help": "Chat template: plain, v1/vicuna_v1, llava_v1, tinyllama, llama_3, llava_llama_3, chatml, auto (the tokenizer's own). Default: the checkpoint's recorded template, else auto when the tokenizer has a usable chat template, else llava_v1."})
     mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear, mlp{N}x_gelu or identity."})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision tower layer whose features are used."})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLIP's CLS) or cls_patch (keep it)."})
@@ -76,6 +81,7 @@ class TrainingArguments(transformers.TrainingArguments):
     optim: str = "adamw_torch"
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Start over in an output_dir that holds another run."})
     skip_nan_steps: bool = field(default=False, metadata={"help": "On a NaN/inf loss, skip the step and count it instead of stopping."})
+    ddp_timeout: int = field(default=DDP_TIMEOUT, metadata={"help": "Seconds a collective may wait for the other processes before the job stops with every rank's stack (HF's default is 1800)."})
 
     def own_flag_problems(self, model_args, data_args) -> list[str]:
         """Problems with the flags a subclass adds (`train_dpo.DPOTrainingArguments`), reported with the rest."""
@@ -153,6 +159,15 @@ def _configure_reporting(args: TrainingArguments) -> None:
         logger.warning("--report_to wandb: no wandb login found; logging offline (sync later with `wandb sync`)")
 
 
+def _ddp_timeout(argv: list[str]) -> int:
+    """--ddp_timeout from the command line (the process group exists before the flags are parsed)."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == "--ddp_timeout":
+            return int(value if eq else argv[i + 1])
+    return DDP_TIMEOUT
+
+
 def _init_cpu_distributed(argv: list[str]) -> None:
     """DeepSpeed on a CPU: gloo, initialised before TrainingArguments (else the batch-size check fails)."""
     if _on_gpu() or not any(a.split("=")[0] == "--deepspeed" for a in argv):
@@ -171,7 +186,7 @@ def _init_cpu_distributed(argv: list[str]) -> None:
     from .._quiet import announce_deepspeed_cpu_build
 
     announce_deepspeed_cpu_build()  # the first CPU run compiles a C++ op (~1 min): say so
-    deepspeed.init_distributed(dist_backend="gloo")
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=_ddp_timeout(argv)))
 
 
 # LLaVA flags accepted so that users' scripts run, with no effect here (named once at start).
@@ -208,7 +223,7 @@ def flag_problems(model_args, data_args, training_args) -> list[str]:
     elif adapter and not os.path.exists(adapter):
         problems.append(f"--pretrain_mm_mlp_adapter {adapter}: no such file or folder")
     for flag, check in (("--mm_projector_type", lambda: projector_depth(model_args.mm_projector_type)),
-                        ("--version", lambda: get_template(model_args.version))):
+                        ("--version", lambda: model_args.version is None or get_template(model_args.version))):
         try:
             check()
         except ValueError as err:

@@ -61,6 +61,10 @@ class LazySupervisedDataset(Dataset):
         checked = check_samples(samples, file=data_path, image_folder=image_folder,
                                 allow_outside=allow_images_outside_folder, images="header")
         problems = checked.first_error_by_sample()
+        if image_processor is None:  # a text-only run
+            problems.update({sample_id(s, i): "has an image, but this run has no vision tower (text-only); pass "
+                             "--vision_tower to train on images" for i, s in enumerate(samples)
+                             if sample_images(s) and sample_id(s, i) not in problems})
         problems.update(self._unfit_samples(samples, problems))
         if problems:
             listing = "\n".join(f"  {sid}: {why}" for sid, why in list(problems.items())[:20])
