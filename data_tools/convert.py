@@ -8,6 +8,8 @@
         --image-prefix val2014 --caption-mode per-image
     python -m data_tools.convert parquet --input train-00000-of-00001.parquet --out pathvqa.json \\
         --image-folder data/images --image-subdir pathvqa
+    python -m data_tools.convert preference --input RLAIF-V-Dataset_000.parquet --out pairs.json \\
+        --image-folder data/images --image-subdir rlaifv       # DPO pairs (data_tools/preference.py)
 
 Tables are CSV, JSON, JSONL, parquet or arrow; column names match in any case (`Question` is
 `question`), and a row's other columns are kept as record fields (e.g. `label`: usable by
@@ -32,6 +34,7 @@ from .converters import (DEFAULT_CLASS_QUESTION, VQA_ROLES, caption_table_record
                          imagefolder_records, vqa_records)
 from .embedded_images import ImageWriter
 from .io import add_report_argument, check_output_path, cli_errors, write_report, write_samples
+from .preference import add_preference_parser, convert_preference
 from .records import ANSWER_TYPE_CHOICES, CAPTION_PROMPT, explain_answer_types
 from .tables import DEFAULT_COLUMNS, parse_where, pick_column, read_table
 
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     embedded.add_argument("--image-subdir", default="images", help="images are written to IMAGE_FOLDER/IMAGE_SUBDIR")
     embedded.add_argument("--caption-column", nargs="+", default=[],
                           help="caption column(s), for caption sets without a question column")
+    add_preference_parser(formats, [common, prefix, table])  # DPO pairs (data_tools/preference.py)
     return parser
 
 
@@ -150,12 +154,15 @@ def main(argv=None) -> int:
             print(f"warning: {writer.not_embedded} rows reference image files instead of embedding them; "
                   "their paths are kept as they are")
         extra = writer.report()
+    elif args.format == "preference":  # pairs have no answer type
+        records, skipped, extra = convert_preference(args)
+        reasons = []
     else:
         records, skipped, reasons = _table_records(args)
     if reasons is None:  # caption sets
         reasons = explain_answer_types(records, "captions are open")
     write_samples(args.out, records)
-    answer_types = dict(sorted(Counter(r["answer_type"] for r in records).items()))
+    answer_types = dict(sorted(Counter(r["answer_type"] for r in records if "answer_type" in r).items()))
     written = f"; {extra['images_written']} images written to {extra['image_dir']}" if "image_dir" in extra else ""
     print(f"{', '.join(inputs)} ({args.format}): wrote {len(records)} samples to {args.out}; skipped {len(skipped)}; "
           f"answer types {answer_types}{written}")

@@ -113,3 +113,39 @@ def test_validate_measures_pair_lengths_with_the_tokenizer(tmp_path, tiny_parts)
                           "--report", str(report)]) == 1
     assert {e["kind"] for e in json.load(open(report))["errors"]} == {"too_long"}
     assert os.path.isfile(report)
+
+
+def test_convert_preference_from_an_rlaifv_style_parquet(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from data_tools import convert, validate
+
+    def png(color):
+        buffer = io.BytesIO()
+        Image.new("RGB", (20, 20), color).save(buffer, format="PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    rows = [{"image": png("red"), "question": "What color is it?", "chosen": "Red.", "rejected": "Blue.",
+             "ds_name": "colors", "idx": 0},
+            {"image": png("red"), "question": "Is it red?", "chosen": "Yes.", "rejected": "No.", "ds_name": "colors",
+             "idx": 1},
+            {"image": png("blue"), "question": "Color?", "chosen": "Blue.", "rejected": "Blue.", "ds_name": "x",
+             "idx": 2},
+            {"image": png("blue"), "question": "Color?", "chosen": "Blue.", "rejected": "", "ds_name": "x", "idx": 3}]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "rlaifv.parquet"))
+    out, report = tmp_path / "pairs.json", tmp_path / "report.json"
+    assert convert.main(["preference", "--input", str(tmp_path / "rlaifv.parquet"), "--out", str(out),
+                         "--image-folder", str(tmp_path), "--image-subdir", "rlaifv", "--id-column", "idx",
+                         "--id-prefix", "rlaifv-", "--report", str(report)]) == 0
+    pairs = json.load(open(out))
+    assert [p["id"] for p in pairs] == ["rlaifv-0", "rlaifv-1"]
+    assert pairs[0]["prompt"] == "<image>\nWhat color is it?" and pairs[0]["chosen"] == "Red."
+    assert pairs[0]["rejected"] == "Blue." and pairs[0]["ds_name"] == "colors"
+    assert pairs[0]["image"] == pairs[1]["image"] and (tmp_path / pairs[0]["image"]).is_file()  # written once
+    assert [s["reason"] for s in json.load(open(report))["skipped"]] == [
+        "chosen and rejected are the same answer", "empty rejected"]
+    assert validate.main(["--data", str(out), "--image-folder", str(tmp_path)]) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llava_tiny.conversation import IGNORE_INDEX
-from llava_tiny.train.dpo import AnswerLogProbs, answer_log_probs, dpo_loss, figure_means, figure_sums
+from llava_tiny.train.dpo import AnswerLogProbs, answer_log_probs, dpo_loss, figure_means, pair_figures
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -52,7 +52,8 @@ def test_loss_and_figures_equal_trl(tmp_path, models, loss_type):
         ref = answer_log_probs(reference(**inputs).logits, labels)
     ref_chosen, ref_rejected = ref.split()
     result = dpo_loss(ours, ref_chosen, ref_rejected, beta=0.3, loss_type=loss_type)
-    figures = figure_means(figure_sums(result))
+    rows = pair_figures(result)
+    figures = figure_means(rows.sum(0), len(rows))
 
     assert result.loss.item() == pytest.approx(trl_loss, abs=1e-5)
     for name, value in figures.items():

@@ -161,3 +161,23 @@ def test_dpo_flags_are_checked_at_once(tmp_path):
         assert expected in message, expected
     with pytest.raises(ValueError, match="--dpo_beta"):  # the SFT entry point has no DPO flags
         parse_args([*required_flags(tmp_path), "--dpo_beta", "0.2"])
+
+
+@pytest.mark.parametrize("sft", ["lora", "full"])
+def test_dpo_starts_from_a_fine_tuned_folder_and_its_checkpoint_reloads_on_it(tmp_path, tiny_parts, pairs, sft):
+    from llava_tiny.train import train as train_module
+
+    sft_flags = ["--lora_enable", "True", "--lora_r", "4"] if sft == "lora" else []
+    sft_argv = argv(tiny_parts, pairs, tmp_path / "sft", *sft_flags, "--max_steps", "2", "--learning_rate", "1e-2")
+    sft_argv[sft_argv.index("--data_path") + 1] = os.path.join(pairs["image_folder"], "data.json")
+    train_module.train(argv=sft_argv)
+    # DPO at learning rate 0 from the SFT folder: its LoRA checkpoint must reload as exactly the SFT model.
+    dpo_argv = argv(tiny_parts, pairs, tmp_path / "dpo", *LORA, "--max_steps", "1", "--learning_rate", "0")
+    dpo_argv[1], dpo_argv[2:4] = str(tmp_path / "sft"), []  # --model_name_or_path SFT, no --vision_tower
+    train_dpo(None, dpo_argv)
+    first = history(tmp_path / "dpo")[0]
+    assert first["loss"] == pytest.approx(LN2, abs=1e-4)
+    a, b = load_pretrained_model(str(tmp_path / "sft")), load_pretrained_model(str(tmp_path / "dpo"))
+    assert b.kind == "lora"
+    ids = torch.tensor([tokenize_prompt("What color is the image?", a.tokenizer, a.template, 16)])
+    torch.testing.assert_close(b.model(input_ids=ids).logits, a.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

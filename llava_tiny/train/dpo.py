@@ -57,10 +57,12 @@ def model_answer_log_probs(model, batch: dict) -> AnswerLogProbs:
 @dataclass
 class DPOResult:
     loss: torch.Tensor  # scalar: mean DPO loss over pairs (+ the SFT term)
+    losses: torch.Tensor  # the DPO term per pair, detached
     chosen_rewards: torch.Tensor  # beta * (log pi - log pi_ref), detached, per pair
     rejected_rewards: torch.Tensor
     chosen_logps: torch.Tensor  # policy log-probs, detached, per pair
     rejected_logps: torch.Tensor
+    chosen_tokens: torch.Tensor  # answer tokens per chosen row
 
 
 def dpo_loss(policy: AnswerLogProbs, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float = 0.1,
@@ -89,21 +91,18 @@ def dpo_loss(policy: AnswerLogProbs, ref_chosen: torch.Tensor, ref_rejected: tor
     loss = losses.mean()
     if sft_weight:
         loss = loss + sft_weight * (-chosen_logps.sum() / chosen_tokens.sum().clamp(min=1))
-    return DPOResult(loss, beta * chosen_ratio.detach(), beta * rejected_ratio.detach(), chosen_logps.detach(),
-                     rejected_logps.detach())
+    return DPOResult(loss, losses.detach(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach(),
+                     chosen_logps.detach(), rejected_logps.detach(), chosen_tokens)
 
 
-def figure_sums(result: DPOResult) -> torch.Tensor:
-    """Per-figure sums over the batch's pairs (in `FIGURES` order) and the pair count: summed across
-    micro-batches and processes, then divided, they give means over every pair."""
+def pair_figures(result: DPOResult) -> torch.Tensor:
+    """One row per pair: the `FIGURES` (float64). Summed over pairs (and micro-batches and processes), then
+    divided by the number of pairs, they give the logged means."""
     chosen, rejected = result.chosen_rewards, result.rejected_rewards
-    values = [chosen, rejected, (chosen > rejected).float(), chosen - rejected, result.chosen_logps,
-              result.rejected_logps]
-    return torch.stack([v.double().sum() for v in values] + [torch.tensor(float(len(chosen)), dtype=torch.float64,
-                                                                          device=chosen.device)])
+    return torch.stack([chosen, rejected, (chosen > rejected).float(), chosen - rejected, result.chosen_logps,
+                        result.rejected_logps], dim=1).double()
 
 
-def figure_means(sums: torch.Tensor, prefix: str = "") -> dict[str, float]:
-    """`figure_sums` added up -> {name: mean over pairs}."""
-    pairs = sums[-1].item()
+def figure_means(sums: torch.Tensor, pairs: float, prefix: str = "") -> dict[str, float]:
+    """Summed `pair_figures` rows -> {name: mean over pairs}."""
     return {prefix + name: (sums[i].item() / pairs if pairs else math.nan) for i, name in enumerate(FIGURES)}

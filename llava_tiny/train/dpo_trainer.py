@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from .dpo import FIGURES, dpo_loss, figure_means, figure_sums, model_answer_log_probs
+from .dpo import dpo_loss, figure_means, model_answer_log_probs, pair_figures
 from .trainer import LlavaTrainer
 
 logger = logging.getLogger(__name__)
@@ -155,8 +155,9 @@ class DPOTrainer(LlavaTrainer):
         if skipped and hasattr(self.train_dataset, "record_skipped"):
             self.train_dataset.record_skipped(skipped, self.args.process_index)
         result = self._dpo(model, inputs, "train" if model.training else "eval")
-        if model.training:
-            sums = figure_sums(result)
+        if model.training:  # figure sums and the pair count, logged (then reset) by `log`
+            rows = pair_figures(result)
+            sums = torch.cat([rows.sum(0), rows.new_tensor([len(rows)])])
             self._train_sums = sums if self._train_sums is None else self._train_sums + sums
         loss = self._checked_loss(model, result.loss)
         return (loss, None) if return_outputs else loss
@@ -167,7 +168,7 @@ class DPOTrainer(LlavaTrainer):
             sums = self._train_sums
             if _distributed():
                 dist.all_reduce(sums)
-            logs.update(figure_means(sums))
+            logs.update(figure_means(sums[:-1], sums[-1].item()))
             self._train_sums = None
         super().log(logs, start_time)
 
@@ -177,20 +178,21 @@ class DPOTrainer(LlavaTrainer):
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         was_training = model.training
         model.eval()
-        total = torch.zeros(len(FIGURES) + 2, dtype=torch.float64, device=self.args.device)
+        total, pairs = 0, 0
         with torch.no_grad():
             for inputs in dataloader:
                 inputs.pop("sample_ids", None)
                 inputs.pop("skipped_samples", None)
                 result = self._dpo(model, self._prepare_inputs(inputs), "eval")
-                sums = figure_sums(result)
-                total += torch.cat([result.loss.detach().double().reshape(1) * sums[-1], sums])
-        if _distributed():
-            dist.all_reduce(total)
+                rows = torch.cat([torch.stack([result.losses, -result.chosen_logps, result.chosen_tokens], 1).double(),
+                                  pair_figures(result)], dim=1)
+                rows = self.accelerator.gather_for_metrics(rows)  # every process's pairs, without the padding
+                total, pairs = total + rows.sum(0), pairs + len(rows)
         model.train(was_training)
-        pairs = total[-1].clamp(min=1)
-        metrics = {f"{metric_key_prefix}_loss": (total[0] / pairs).item(),
-                   **figure_means(total[1:], metric_key_prefix + "_"), f"{metric_key_prefix}_pairs": int(total[-1])}
+        # The SFT term as in training: the chosen answers' negative log-likelihood per token.
+        sft = self.args.dpo_sft_weight * total[1] / max(total[2].item(), 1) if self.args.dpo_sft_weight else 0
+        metrics = {f"{metric_key_prefix}_loss": float(total[0] / max(pairs, 1) + sft),
+                   **figure_means(total[3:], pairs, metric_key_prefix + "_"), f"{metric_key_prefix}_pairs": pairs}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
