@@ -133,7 +133,7 @@ fi
 step "4/5 score"
 $PY -m eval.score "$OUT/preds.jsonl" --out "$OUT/scores" --model-path "$MODEL"
 step "5/5 report"
-$PY scripts/demo_report.py --preds "$OUT/preds.jsonl" --blind-preds "$OUT/preds_blind.jsonl" \
+$PY -m eval.demo_report --preds "$OUT/preds.jsonl" --blind-preds "$OUT/preds_blind.jsonl" \
   --train "$SETS/data_train.json" --trainer-state "$MODEL/trainer_state.json" --model-config "$MODEL/config.json" \
   --caption-metrics "$OUT/scores/metrics.json" --leakage "$SETS/leakage_report.json" \
   --note "Finished in $(elapsed)s (seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"

@@ -1,4 +1,4 @@
-"""scripts/demo_report.py: per-type accuracy of the model, the blind control and the majority class; the goal."""
+"""eval.demo_report (the demo's verdict): per-type accuracy of the model, the blind control and the majority class; the goal."""
 import json
 import math
 import os
@@ -7,10 +7,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from eval.demo_report import build_metrics, first_loss_check, goal_check
 
-from demo_report import build_metrics, first_loss_check, goal_check  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pred(i, qtype, answer, prediction):
@@ -70,12 +69,12 @@ def test_cli_writes_metrics_report_plots_and_two_lines(tmp_path):
     (tmp_path / "state.json").write_text(json.dumps({"log_history": [{"step": 1, "loss": 6.0}, {"step": 2, "loss": 1.0}]}))
     (tmp_path / "config.json").write_text(json.dumps({"text_config": {"vocab_size": 400}}))
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "demo_report.py"),
+    done = subprocess.run([sys.executable, "-m", "eval.demo_report",
                            "--preds", str(tmp_path / "preds.jsonl"), "--blind-preds", str(tmp_path / "blind.jsonl"),
                            "--train", str(tmp_path / "train.json"), "--leakage", str(tmp_path / "leak.json"),
                            "--trainer-state", str(tmp_path / "state.json"), "--model-config",
                            str(tmp_path / "config.json"), "--out", str(out)],
-                          capture_output=True, text=True, check=True)
+                          cwd=ROOT, capture_output=True, text=True, check=True)
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("trained model: mean accuracy 1.00")
     assert "goal missed" in lines[1]  # only colour was asked: shape, count and presence are missing

@@ -1,6 +1,6 @@
 """The demo's verdict: does the trained model look at the image?
 
-    python scripts/demo_report.py --preds P.jsonl --blind-preds B.jsonl --train data_train.json \
+    python -m eval.demo_report --preds P.jsonl --blind-preds B.jsonl --train data_train.json \
         --trainer-state model/trainer_state.json --leakage sets/leakage_report.json --out runs/demo
 
 Per question type: accuracy of the trained model, of the same model with every image blanked
@@ -18,10 +18,8 @@ import math
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from eval.report import plot_accuracy_bars, plot_loss_curve  # noqa: E402
-from eval.score import load_predictions, score_predictions  # noqa: E402
+from .report import plot_accuracy_bars, plot_loss_curve
+from .score import load_predictions, score_predictions
 
 QUESTION_TYPES = ("color", "shape", "count", "presence")
 # The demo's goal: the model reads the picture, and the text alone tells nothing.
