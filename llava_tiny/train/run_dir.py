@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch.distributed as dist
 
+from .resume import prepare_resume
+
 logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = "tmp-checkpoint-"
@@ -171,7 +173,10 @@ def finish_from_last_step(checkpoint_dir: str, output_dir: str, load_best_model_
 # Flags that may change between an interrupted run and its rerun.
 _RERUN_FREE = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "local_rank", "report_to",
                "logging_dir", "run_name", "dataloader_num_workers", "disable_tqdm", "use_cpu", "deepspeed",
-               "gradient_checkpointing_kwargs", "skip_bad_samples", "max_bad_sample_fraction", "skip_nan_steps"}
+               "gradient_checkpointing_kwargs", "skip_bad_samples", "max_bad_sample_fraction", "skip_nan_steps",
+               "ddp_timeout",
+               # may change with the number of processes; resume.check_global_batch keeps the global batch
+               "per_device_train_batch_size", "gradient_accumulation_steps"}
 
 
 def _run_signature(model_args, data_args, training_args) -> dict:
@@ -226,7 +231,8 @@ def prepare_run_dir(model_args, data_args, training_args) -> str | None:
     """Check the output folder, record this run's flags in it and return the checkpoint to resume from.
 
     Rank 0 sets aside an old run (--overwrite_output_dir) and removes incomplete checkpoints; every
-    rank then sees the same folder.
+    rank then sees the same folder. The checkpoint is checked (and converted, if written by another
+    number of processes) by `resume.prepare_resume` before anything loads it.
     """
     out = training_args.output_dir
     resume = resolve_resume(model_args, data_args, training_args)
@@ -240,4 +246,6 @@ def prepare_run_dir(model_args, data_args, training_args) -> str | None:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, RUN_ARGS_FILE), "w") as f:
             json.dump(_run_signature(model_args, data_args, training_args), f, indent=2)
+    if resume:
+        prepare_resume(resume, training_args)
     return resume

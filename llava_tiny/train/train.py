@@ -9,6 +9,7 @@ steps of `train()`; benchmarks and tests call them to measure or inspect a real 
 """
 from __future__ import annotations
 
+import faulthandler
 import importlib.util
 import logging
 import os
@@ -26,6 +27,7 @@ from llava_tiny.model.checkpoints import load_projector_weights  # noqa: E402
 from llava_tiny.train.arguments import RunArguments, parse_args  # noqa: E402
 from llava_tiny.train.callbacks import PreemptionCallback  # noqa: E402
 from llava_tiny.train.dataset import LazySupervisedDataset  # noqa: E402
+from llava_tiny.train.distributed import PeerWatchdog, StepWatchdog  # noqa: E402
 from llava_tiny.train.fast_path import run_frozen_tower_without_grad  # noqa: E402
 from llava_tiny.train.packing import make_data_collator, use_packed_attention  # noqa: E402
 from llava_tiny.train.recipes import make_recipe  # noqa: E402
@@ -105,12 +107,21 @@ def run(trainer: LlavaTrainer, resume_from_checkpoint: str | None = None) -> Non
     out = trainer.args.output_dir
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
-    with preemption.handling_signals():
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.add_callback(StepWatchdog(trainer.args.ddp_timeout, trainer.args.process_index))  # hangs, slow steps
+    faulthandler.enable()  # a crash in native code still prints the Python stack
+    with preemption.handling_signals(), PeerWatchdog(lambda: newest_checkpoint(out)) as peers:
+        try:
+            trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        except Exception as err:
+            peers.raise_if_a_peer_died(err)  # name the rank that died rather than the failed collective
+            raise
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         logger.warning("stopped by %s at step %d of %d: saved %s; rerun the same command to resume from it",
                        preemption.received, trainer.state.global_step, trainer.state.max_steps,
                        newest_checkpoint(out))
+        if trainer.args.world_size > 1:  # every rank says so: the launcher does not report their exit codes
+            logger.warning("rank %d: stopped at step %d with the checkpoint saved; exiting 0",
+                           trainer.args.process_index, trainer.state.global_step)
         return  # no final save: the folder must still read as an interrupted run
     with explain_disk_full(out, lambda: trainer.checkpoint_bytes_needed(include_optimizer=False),
                            newest_checkpoint(out)):

@@ -4,6 +4,7 @@ when complete (`run_dir.py`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ from .callbacks import IgnorePreemptionInWorkers, NonFiniteLossGuard
 from .dataset import CollatorWithSkippedSamples
 from .fast_path import chunked_causal_lm_loss
 from .recipes import Recipe
+from .resume import RUN_SHAPE_FILE
 from .run_dir import explain_disk_full, newest_checkpoint, publish_checkpoint, staging_dir
 
 logger = logging.getLogger(__name__)
@@ -167,9 +169,13 @@ class LlavaTrainer(Trainer):
         run_dir = self.args.output_dir
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging, final = staging_dir(run_dir, self.state.global_step), os.path.join(run_dir, name)
+        # A process that fails here (a full disk) raises at once: the others, left waiting for it, are ended by
+        # distributed.PeerWatchdog naming it, and nothing unfinished is published.
         with explain_disk_full(staging, self.checkpoint_bytes_needed, newest_checkpoint(run_dir),
                                partial=staging if self.args.should_save else None), _output_dir(self.args, staging):
             super()._save_checkpoint(model, trial)
+            if self.args.should_save:
+                self._write_run_shape(os.path.join(staging, name))
             if self.args.should_save and self.state.best_model_checkpoint == os.path.join(staging, name):
                 self.state.best_model_checkpoint = final  # recorded while it was still in staging
                 self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
@@ -179,6 +185,13 @@ class LlavaTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _write_run_shape(self, checkpoint: str) -> None:
+        """How this checkpoint was trained, for resuming it on another number of processes (resume.py)."""
+        shape = {"world_size": self.args.world_size, "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
+        with open(os.path.join(checkpoint, RUN_SHAPE_FILE), "w") as f:
+            json.dump(shape, f, indent=2)
 
     def checkpoint_bytes_needed(self, include_optimizer: bool = True) -> int:
         """About what a save writes (weights, and the optimizer state for a resumable checkpoint)."""
