@@ -149,3 +149,20 @@ def test_convert_preference_from_an_rlaifv_style_parquet(tmp_path):
     assert [s["reason"] for s in json.load(open(report))["skipped"]] == [
         "chosen and rejected are the same answer", "empty rejected"]
     assert validate.main(["--data", str(out), "--image-folder", str(tmp_path)]) == 0
+
+
+def test_pairs_from_a_models_mistakes(tmp_path):
+    """scripts/dpo_pairs.py (the DPO demo's pairs): every distinct wrong answer, greedy or sampled, is a pair."""
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    mistake_pairs = runpy.run_path(os.path.join(root, "scripts", "dpo_pairs.py"))["mistake_pairs"]
+    samples = [{"id": f"q{i}", "image": f"{i}.png", "question_type": "color", "conversations": [
+        {"from": "human", "value": "<image>\nColor?"}, {"from": "gpt", "value": answer}]}
+        for i, answer in enumerate(["red", "blue", "green"])]
+    greedy = [{"id": "q0", "prediction": "Red."}, {"id": "q1", "prediction": "red"}, {"id": "q2", "prediction": "green"}]
+    sampled = [{"id": "q0", "prediction": "red"}, {"id": "q1", "prediction": "yellow"}, {"id": "q2", "prediction": "red"}]
+    pairs = mistake_pairs(samples, greedy + sampled)
+    assert [(p["id"], p["chosen"], p["rejected"]) for p in pairs] == [
+        ("q1", "blue", "red"), ("q1#1", "blue", "yellow"), ("q2", "green", "red")]
+    assert pairs[0]["prompt"] == "<image>\nColor?" and pairs[0]["image"] == "1.png" and "conversations" not in pairs[0]
