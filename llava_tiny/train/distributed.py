@@ -157,8 +157,8 @@ class StepWatchdog(TrainerCallback):
 
     - No progress for 90% of `timeout` (--ddp_timeout): print the Python stack of every thread, once,
       so that every rank's stack is on screen before the collective timeout ends the job.
-    - Still none `exit_after` seconds past `timeout`: this rank is stuck outside any collective
-      (a collective would have timed out by now): log it and exit with 1.
+    - Still none `exit_after` seconds past `timeout`: log it and exit with 1. Nothing else would end a
+      rank stuck outside any collective, nor one in DeepSpeed's CPU shared-memory allreduce (no timeout).
     - A step more than `slow_factor` x the median step time (and at least `min_excess` s over it) is
       logged with its number (rank 0; the other ranks wait for the same step).
     """

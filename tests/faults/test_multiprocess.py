@@ -75,10 +75,10 @@ def command(tiny_parts, data, out, processes=2, zero="zero2", script="llava_tiny
 
 
 @contextlib.contextmanager
-def job(cmd, log_path, faults=None, tmp_path=None):
+def job(cmd, log_path, faults=None, tmp_path=None, **extra_env):
     """The launcher and its ranks in a process group of their own; killed, all of them, on the way out."""
     env = subprocess_env(DS_ACCELERATOR="cpu", TORCH_EXTENSIONS_DIR=os.environ.get(
-        "TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions")))
+        "TORCH_EXTENSIONS_DIR", os.path.join(REPO, ".torch_extensions")), **extra_env)
     if faults is not None:
         script = os.path.join(str(tmp_path), "injecting_train.py")
         with open(script, "w") as f:
@@ -240,25 +240,32 @@ def test_a_hung_rank_ends_the_job_within_ddp_timeout_with_every_rank_stack(tiny_
 
 
 def test_sigterm_to_the_job_saves_the_same_step_on_every_rank_and_the_rerun_loses_no_step(tiny_parts, data, tmp_path):
+    """Through scripts/lib/launch.sh, as the training scripts launch: SIGTERM to the script (a scheduler's
+    notice) reaches every rank; the script returns 0 only after every rank has saved and exited."""
     out = tmp_path / "out"
     cmd = command(tiny_parts, data, out, 2, "zero2", "llava_tiny/train/train_mem.py", "--max_steps", 30,
                   "--save_strategy", "no")
-    with job(cmd, tmp_path / "term.log") as proc:
+    assert cmd[5:8] == ["llava_tiny/train/train_mem.py", "--deepspeed", "zero_configs/zero2.json"]
+    script = ["bash", "-c", 'source scripts/lib/launch.sh && launch "$@"', "launch", *cmd[8:]]
+    env = dict(NUM_GPUS="2", MASTER_PORT=cmd[4], ZERO="zero2",
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    with job(script, tmp_path / "term.log", **env) as proc:
         deadline = time.time() + 420
         while steps_logged(read(tmp_path / "term.log")) < 2 and time.time() < deadline and proc.poll() is None:
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGTERM)  # every process of the job, as SLURM signals it
-        wait_group(proc, 120)
-    log = read(tmp_path / "term.log")
+        os.killpg(proc.pid, signal.SIGTERM)  # the script only: it passes the signal on to the job
+        assert proc.wait(timeout=120) == 0, read(tmp_path / "term.log")[-4000:]
+        log = read(tmp_path / "term.log")  # read as the script returns: every rank has finished by then
     saved = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
     assert len(saved) == 1, log[-4000:]
     step = int(saved[0].split("-")[1])
     for rank in (0, 1):
         assert f"rank {rank}: stopped at step {step} with the checkpoint saved; exiting 0" in log, log[-4000:]
+    assert "launch: SIGTERM passed to the job; every rank has exited" in log
     assert trainer_state(out / saved[0])["global_step"] == step
     assert len(list((out / saved[0]).glob("global_step*/*optim_states.pt"))) == 2  # both ranks' parts
-    code, log = run_job(cmd, tmp_path / "rerun.log")
-    assert code == 0, log[-4000:]
+    with job(script, tmp_path / "rerun.log", **env) as proc:  # the same command
+        assert proc.wait(timeout=420) == 0, read(tmp_path / "rerun.log")[-4000:]
     assert [e["step"] for e in trainer_state(out)["log_history"] if "loss" in e] == list(range(1, 31))
 
 
