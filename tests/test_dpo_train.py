@@ -181,3 +181,25 @@ def test_dpo_starts_from_a_fine_tuned_folder_and_its_checkpoint_reloads_on_it(tm
     assert b.kind == "lora"
     ids = torch.tensor([tokenize_prompt("What color is the image?", a.tokenizer, a.template, 16)])
     torch.testing.assert_close(b.model(input_ids=ids).logits, a.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_qlora_dpo_reference_is_the_quantized_model_with_adapters_off(tmp_path, tiny_parts, pairs):
+    out = tmp_path / "qlora"
+    trainer, batch = build(tiny_parts, pairs, out, *LORA, "--bits", "4", "--max_steps", "2", "--learning_rate", "1e-2")
+    trainer.model.train()
+    assert trainer.compute_loss(trainer.model, dict(batch)).item() == LN2
+    run_trainer(trainer)
+    assert load_pretrained_model(str(out)).kind == "lora"
+    assert history(out)[0]["rewards/margins"] == 0.0
+
+
+def test_a_nan_dpo_loss_stops_before_anything_is_applied_naming_the_pairs(tmp_path, tiny_parts, pairs):
+    from llava_tiny.train.callbacks import NonFiniteLossError
+
+    trainer, batch = build(tiny_parts, pairs, tmp_path / "nan", "--max_steps", "2", "--learning_rate", "1e-2")
+    with torch.no_grad():
+        trainer.model.model.multi_modal_projector.linear_1.weight[0, 0] = float("inf")
+    trainer.model.train()
+    inputs = {**batch, "sample_ids": ["img-a", "img-b"]}
+    with pytest.raises(NonFiniteLossError, match=r"step 1: the training loss is nan for samples \['img-a', 'img-b'\]"):
+        trainer.compute_loss(trainer.model, inputs)
