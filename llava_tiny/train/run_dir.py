@@ -25,7 +25,7 @@ from typing import Callable
 
 import torch.distributed as dist
 
-from .resume import prepare_resume
+from .resume import RUN_SHAPE_FILE, UNIVERSAL_LATEST, prepare_resume
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ def explain_disk_full(path: str, bytes_needed: Callable[[], int], last_good: str
 
 # --- a run killed in its final save ----------------------------------------------------------------
 # In a checkpoint only to resume from it (optimizer, scheduler, RNG, DeepSpeed engine); not in a final model.
-_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "latest", "zero_to_fp32.py", "trainer_state.json")
+_RESUME_ONLY = ("optimizer.pt", "scheduler.pt", "scaler.pt", "latest", "zero_to_fp32.py", "trainer_state.json",
+                RUN_SHAPE_FILE, UNIVERSAL_LATEST)
 
 
 def saved_at_last_step(checkpoint_dir: str) -> bool:

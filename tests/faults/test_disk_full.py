@@ -35,11 +35,11 @@ def small_filesystem(path, size="64m"):
 
 def fill(filesystem) -> None:
     """Write a ballast file until the filesystem refuses more (a real ENOSPC)."""
-    with open(os.path.join(filesystem, "ballast"), "wb") as f:
+    # Unbuffered: a buffered file would raise ENOSPC again when it is closed, flushing what was left.
+    with open(os.path.join(filesystem, "ballast"), "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError as err:
             assert err.errno == errno.ENOSPC
 

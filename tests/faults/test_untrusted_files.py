@@ -13,7 +13,7 @@ import torch
 from conftest import required_flags
 from faultlib import REPO, color_samples, one_thread, train_argv, train_in_process, write_samples
 from llava_tiny.model import builder, checkpoints, vision
-from llava_tiny.train import train as train_module
+from llava_tiny.train import starting_point
 from llava_tiny.train.arguments import parse_args
 from llava_tiny.train.dataset import BadSamplesError, LazySupervisedDataset
 
@@ -123,7 +123,7 @@ def test_trust_remote_code_is_off_unless_passed(tmp_path, tiny_parts, monkeypatc
         raise Stop
 
     seen.clear()
-    monkeypatch.setattr(train_module, "assemble_model", stop)
+    monkeypatch.setattr(starting_point, "assemble_model", stop)  # where train() assembles the model
     data = write_samples(tmp_path, color_samples(tmp_path, 2))
     with pytest.raises(Stop):
         train_in_process(train_argv(tiny_parts, data, tmp_path / "out"))
