@@ -71,10 +71,16 @@ class PeerWatchdog:
         if not _distributed() or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             return self
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=timedelta(seconds=10), wait_for_workers=False)
-        self.store.set(f"{_KEY}/where/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
-        self.store.add(f"{_KEY}/beat/{self.rank}", 1)
+        try:
+            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=timedelta(seconds=10), wait_for_workers=False)
+            self.store.set(f"{_KEY}/where/{self.rank}", f"{socket.gethostname()} {os.getpid()}")
+            self.store.add(f"{_KEY}/beat/{self.rank}", 1)
+        except Exception as err:  # noqa: BLE001 - a launcher whose store we cannot reach: train unwatched
+            logger.warning("rank %d: no peer watchdog (the rendezvous store at %s:%s: %s); a dead rank is then "
+                           "noticed only by --ddp_timeout", self.rank, os.environ["MASTER_ADDR"],
+                           os.environ["MASTER_PORT"], err)
+            return self
         self._thread = threading.Thread(target=self._watch, name="llava-tiny-peer-watchdog", daemon=True)
         self._thread.start()
         return self
