@@ -13,11 +13,9 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from llava_tiny.conversation import get_template, tokenize_prompt  # noqa: E402
 from llava_tiny.inference import GenerationSettings, Prompt, build_prompt, generate_batch  # noqa: E402
 from llava_tiny.model.builder import assemble_model, load_pretrained_model  # noqa: E402
 from llava_tiny.serve import api  # noqa: E402
-from llava_tiny.serve.chat_request import with_system  # noqa: E402
 from llava_tiny.serve.launch import ServerProcess  # noqa: E402
 
 KEY = "test-key-4f1c"
@@ -125,9 +123,9 @@ def test_multi_turn_conversation_keeps_the_history(client, loaded):
 
 
 def test_system_message_replaces_the_template_system_sentence(client, loaded):
-    template = with_system(get_template(loaded.template), "Answer in one word.")
-    assert template.system == "Answer in one word. "
-    ids = tokenize_prompt("Hi?", loaded.tokenizer, template, 16)
+    ids = build_prompt(loaded, "Hi?", system="Answer in one word.").input_ids
+    default = build_prompt(loaded, "Hi?").input_ids
+    assert ids != default and loaded.tokenizer.decode(ids).count("Answer in one word.") == 1
     answer = generate_batch(loaded, [Prompt(ids)], GenerationSettings(max_new_tokens=12))[0]
     response = ask(client, [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Hi?"}])
     assert response.choices[0].message.content == answer and response.usage.prompt_tokens == len(ids)

@@ -142,3 +142,33 @@ def test_without_version_a_tokenizer_with_a_chat_template_uses_it_and_says_so(tm
         {"type": "image"}, {"type": "text", "text": "What color?"}]}], add_generation_prompt=True)
     assert prompt.startswith("<|im_start|>user\n<image>") and prompt.endswith("<|im_start|>assistant\n")
     assert assemble_model(tiny_parts["llm"], tiny_parts["clip"]).template == "llava_v1"  # no chat template
+
+
+def test_a_text_only_model_is_served_and_refuses_images(tiny_parts):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
+    from llava_tiny.serve.chat_request import ApiError, ChatRequest, Limits, prepare
+    from llava_tiny.serve.engine import Engine, Sampling
+
+    loaded = load_pretrained_model(tiny_parts["llm"], device="cpu")
+    assert loaded.kind == "text"
+    prompt, sampling = prepare(loaded, ChatRequest(model="m", messages=[{"role": "user", "content": "Hi there?"}],
+                                                   max_tokens=6, temperature=0), Limits())
+    assert prompt.input_ids == build_prompt(loaded, "Hi there?").input_ids
+    engine = Engine(loaded)
+    try:
+        answer = engine.complete(prompt, Sampling(max_tokens=6)).text
+    finally:
+        engine.close()
+    assert answer == generate_batch(loaded, [prompt], GenerationSettings(max_new_tokens=6))[0]
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    with pytest.raises(ApiError, match="no vision tower") as err:
+        prepare(loaded, ChatRequest(model="m", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]}]), Limits())
+    assert err.value.status == 400

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import io
 import re
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from dataclasses import dataclass
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..conversation import IMAGE_TOKEN, ChatTemplate, get_template, tokenize_prompt
+from ..conversation import IMAGE_TOKEN
 from ..images import load_image
-from ..inference import Prompt, build_prompt, template_name
-from ..model.modeling import unwrap_model
+from ..inference import Prompt, build_prompt
+from ..model.modeling import image_seq_length, unwrap_model
 from .engine import Sampling
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
@@ -70,7 +69,8 @@ class Limits:
 
 def context_length(loaded) -> int:
     """Positions the language model holds: its config, or the tokenizer's limit when smaller."""
-    text = unwrap_model(loaded.model).config.text_config
+    config = unwrap_model(loaded.model).config
+    text = getattr(config, "text_config", config)  # a text-only model is its own text config
     limit = getattr(text, "max_position_embeddings", None) or 2048
     tokenizer_limit = getattr(loaded.tokenizer, "model_max_length", None)
     if tokenizer_limit and tokenizer_limit < 1_000_000:  # transformers' "no limit" is 1e30
@@ -188,33 +188,17 @@ def parse_messages(messages: list[dict], limits: Limits) -> Conversation:
     return Conversation("\n".join(system).strip() or None, history, turns[-1][1], images)
 
 
-def with_system(template: ChatTemplate, system: str) -> ChatTemplate:
-    """`template` with its system sentence replaced by `system` (its markup kept)."""
-    default = max(re.split(r"<[^>]*>|\n", template.system), key=len).strip()
-    return dataclasses.replace(template, system=template.system.replace(default, system))
-
-
 def prompt_for(loaded, conversation: Conversation, conv_mode: str | None = None) -> Prompt:
-    """The prompt ids as training renders them (`build_prompt` / `tokenize_prompt`)."""
-    history, question = conversation.history, conversation.question
-    if conversation.system is None:
-        return build_prompt(loaded, question, conversation.images, history, conv_mode)
-    template = get_template(template_name(loaded, conv_mode))
-    if template.system.strip():
-        template = with_system(template, conversation.system)
-    elif history:
-        history = [(f"{conversation.system}\n\n{history[0][0]}", history[0][1]), *history[1:]]
-    else:
-        question = f"{conversation.system}\n\n{question}"
-    ids = tokenize_prompt(question, loaded.tokenizer, template, unwrap_model(loaded.model).config.image_seq_length,
-                          history=history)
-    return Prompt(input_ids=ids, images=list(conversation.images))
+    """The prompt ids as training renders them (`build_prompt`); a system message replaces the template's
+    system prompt, as a sample's own system message does in training."""
+    return build_prompt(loaded, conversation.question, conversation.images, conversation.history, conv_mode,
+                        system=conversation.system)
 
 
 def prepare(loaded, request: ChatRequest, limits: Limits, conv_mode: str | None = None) -> tuple[Prompt, Sampling]:
     """Check a request against the model and the limits; the prompt and how to decode it."""
     conversation = parse_messages(request.messages, limits)
-    per_image = unwrap_model(loaded.model).config.image_seq_length
+    per_image = image_seq_length(loaded.model)
     context = context_length(loaded)
     if len(conversation.images) * per_image >= context:
         raise ApiError(400, f"{len(conversation.images)} images need {len(conversation.images) * per_image} tokens; "

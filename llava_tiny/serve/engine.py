@@ -20,6 +20,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -152,9 +153,12 @@ class Engine:
     """Batches concurrent requests onto one model (see the module docstring). Thread-safe `submit`."""
 
     def __init__(self, loaded, conv_mode: str | None = None, max_batch_size: int = 16,
-                 image_aspect_ratio: str = "pad", image_background: str = "white"):
+                 image_aspect_ratio: str = "pad", image_background: str = "white", batch_window: float = 0.01):
         self.loaded, self.conv_mode = loaded, conv_mode
         self.max_batch_size, self.image_aspect_ratio = max_batch_size, image_aspect_ratio
+        # After a request arrives the worker waits this long (seconds) for others, so clients that send
+        # at almost the same time share one batch instead of the first running alone.
+        self.batch_window = batch_window
         self.image_background = image_background
         self.stop_ids = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
         self.byte_ids = {i for token, i in loaded.tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
@@ -214,6 +218,9 @@ class Engine:
         with self._cv:
             while not self._waiting and not self._closed:
                 self._cv.wait()
+            deadline = time.monotonic() + self.batch_window
+            while not self._closed and len(self._waiting) < self.max_batch_size and time.monotonic() < deadline:
+                self._cv.wait(deadline - time.monotonic())
             if self._closed:
                 return None
             first = self._waiting[0]
