@@ -27,6 +27,19 @@ def llama2_llm(tmp_path_factory):
     return make_tiny_llm(str(tmp_path_factory.mktemp("llama2") / "llm"), tokenizer="llama2", hidden_size=32)
 
 
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_parts):
+    """A saved full checkpoint of a tiny LLaVA (random projector, seed 0), for inference and serving tests."""
+    import torch
+
+    from llava_tiny.model.builder import assemble_model
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("models") / "tiny-vlm")
+    assemble_model(tiny_parts["llm"], tiny_parts["clip"]).save_pretrained(path)
+    return path
+
+
 def write_color_dataset(root, n=16, size=40, text_only=0, seed=0):
     """A small LLaVA JSON set: coloured images with "what color" questions (+ text-only samples)."""
     import json

@@ -5,23 +5,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from PIL import Image
 
 from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
-from llava_tiny.model.builder import assemble_model, load_pretrained_model
+from llava_tiny.model.builder import load_pretrained_model
 from llava_tiny.serve import cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GREEDY = ["--temperature", "0", "--max-new-tokens", "10"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_parts):
-    torch.manual_seed(1)
-    path = str(tmp_path_factory.mktemp("cli") / "full")
-    assemble_model(tiny_parts["llm"], tiny_parts["clip"]).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from PIL import Image
 from eval.generate import blank_image, expand_questions, generate_predictions, read_finished_ids
 from llava_tiny.conversation import ConversationError
 from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch, left_pad
-from llava_tiny.model.builder import assemble_model, load_pretrained_model
+from llava_tiny.model.builder import load_pretrained_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red.png": ((200, 30, 30), (70, 56)), "green.png": ((20, 160, 40), (56, 90)),
@@ -35,14 +35,6 @@ def _turns(*pairs):
     for q, a in pairs:
         out += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     return out
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_parts):
-    torch.manual_seed(0)  # the projector is initialised at random
-    path = str(tmp_path_factory.mktemp("gen") / "full")
-    assemble_model(tiny_parts["llm"], tiny_parts["clip"]).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,13 @@ import json
 import threading
 
 import pytest
-import torch
 from PIL import Image
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from llava_tiny.inference import GenerationSettings, Prompt, build_prompt, generate_batch  # noqa: E402
-from llava_tiny.model.builder import assemble_model, load_pretrained_model  # noqa: E402
+from llava_tiny.model.builder import load_pretrained_model  # noqa: E402
 from llava_tiny.serve import api  # noqa: E402
 from llava_tiny.serve.launch import ServerProcess  # noqa: E402
 
@@ -32,14 +31,6 @@ def png_url(image=RED, fmt="PNG", mime="image/png") -> str:
 def image_message(text, url=None):
     return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url or png_url()}},
                                         {"type": "text", "text": text}]}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tiny_parts):
-    torch.manual_seed(3)
-    path = str(tmp_path_factory.mktemp("serve") / "tiny-vlm")
-    assemble_model(tiny_parts["llm"], tiny_parts["clip"]).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
