@@ -87,3 +87,21 @@ def test_train_py_runs_as_a_script_from_the_repo_root(tmp_path, tiny_parts):
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_run_that_fails_leaves_no_watchdog_behind(tmp_path, tiny_parts, color_data, monkeypatch):
+    """The hang watchdog ends the process when nothing progresses: it must stop with the run, however the
+    run ends (else a test process, or a notebook, is killed minutes later)."""
+    import threading
+
+    from llava_tiny.train.trainer import LlavaTrainer
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("the training loop failed")
+
+    monkeypatch.setattr(LlavaTrainer, "training_step", fails)  # inside the loop: the watchdog is running
+    with pytest.raises(RuntimeError, match="the training loop failed"):
+        train_module.train(argv=["--model_name_or_path", tiny_parts["llm"], "--vision_tower", tiny_parts["clip"],
+                                 "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
+                                 "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none"])
+    assert not [t for t in threading.enumerate() if "watchdog" in t.name and t.is_alive()]

@@ -159,7 +159,8 @@ class PeerWatchdog:
 
 
 class StepWatchdog(TrainerCallback):
-    """A thread that watches training progress (steps, eval batches, saves).
+    """A thread that watches training progress (steps, eval batches, saves) while the `with` block runs
+    (so it never outlives the run, however the run ends).
 
     - No progress for 90% of `timeout` (--ddp_timeout): print the Python stack of every thread, once,
       so that every rank's stack is on screen before the collective timeout ends the job.
@@ -184,14 +185,18 @@ class StepWatchdog(TrainerCallback):
 
     on_prediction_step = on_save = on_evaluate = on_log = _progressed
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def __enter__(self):
         self._progressed()
         self._stop.clear()
         self._thread = threading.Thread(target=self._watch, name="llava-tiny-step-watchdog", daemon=True)
         self._thread.start()
+        return self
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def __exit__(self, *exc):
         self._stop.set()
+        self._thread.join(timeout=5)
+
+    on_train_begin = _progressed
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step, self._step_start = state.global_step + 1, time.monotonic()

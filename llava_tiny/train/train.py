@@ -107,9 +107,10 @@ def run(trainer: LlavaTrainer, resume_from_checkpoint: str | None = None) -> Non
     out = trainer.args.output_dir
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
-    trainer.add_callback(StepWatchdog(trainer.args.ddp_timeout, trainer.args.process_index))  # hangs, slow steps
+    steps = StepWatchdog(trainer.args.ddp_timeout, trainer.args.process_index)  # hangs, slow steps
+    trainer.add_callback(steps)
     faulthandler.enable()  # a crash in native code still prints the Python stack
-    with preemption.handling_signals(), PeerWatchdog(lambda: newest_checkpoint(out)) as peers:
+    with preemption.handling_signals(), steps, PeerWatchdog(lambda: newest_checkpoint(out)) as peers:
         try:
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         except Exception as err:
