@@ -57,12 +57,12 @@ def _server_rss(pid: int) -> dict:
     return {"rss_bytes": out.get("VmRSS", 0), "peak_rss_bytes": out.get("VmHWM", 0)}
 
 
-def measure(mode: str, workdir: str, threads: int) -> dict:
+def measure(mode: str, workdir: str, threads: int, max_tokens: int | None = None) -> dict:
     import openai
 
     from llava_tiny.serve.launch import ServerProcess
 
-    plan = MODES[mode]
+    plan = {**MODES[mode], **({"max_tokens": max_tokens} if max_tokens else {})}
     shapes = SHAPES[plan["shapes"]]
     parts = write_models(os.path.join(workdir, "models"), shapes)
     images = [_image_url(i, shapes.image_size) for i in range(8)]
@@ -128,13 +128,15 @@ def main(argv=None) -> int:
                          smoke_help="tiny shapes, a dozen requests: checks the harness only")
     parser.add_argument("--rss-bound-mib", type=float, default=1024,
                         help="fail (exit 1) when the server's peak RSS exceeds this (default 1 GiB, for the CPU shapes)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="new tokens per answer (default: the mode's, 32 quick / 64 full); longer answers batch better")
     args = parser.parse_args(argv)
     use_cpu_threads(args.threads)
     mode = mode_of(args)
     workdir = tempfile.mkdtemp(prefix="llava-tiny-servebench-")
     try:
         started = time.perf_counter()
-        report = measure(mode, workdir, args.threads)
+        report = measure(mode, workdir, args.threads, args.max_tokens)
         report["wall_s"] = time.perf_counter() - started
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
