@@ -6,12 +6,11 @@
   under a minute instead of waiting out the collective timeout. Rerunning the same command resumes.
 - A rank hangs: every collective is bounded by `--ddp_timeout` (passed to the process group; 600 s by
   default here, not HF's 1800). `StepWatchdog` prints the Python stack of every thread of every rank
-  (`faulthandler`) shortly before that timeout, and ends a rank still stuck outside any collective.
+  shortly before that timeout, each line prefixed `[rank R]`, and ends a rank still stuck outside any collective.
 - A step much slower than the median is logged with its step number (`StepWatchdog`).
 """
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
 import socket
@@ -19,6 +18,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from datetime import timedelta
 from typing import Callable
@@ -158,6 +158,20 @@ class PeerWatchdog:
             os._exit(1)
 
 
+def print_stacks(rank: int) -> None:
+    """The Python stack of every thread of this process on stderr, each line prefixed `[rank R]` and written
+    with a write of its own: every rank prints at the same moment into one log, and faulthandler's many
+    small writes interleave there character by character (unreadable, as seen in CI)."""
+    sys.stderr.flush()
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    lines = []
+    for ident, frame in sys._current_frames().items():
+        lines.append(f"Thread {names.get(ident, ident)} (most recent call last):")
+        lines += "".join(traceback.format_stack(frame)).rstrip("\n").splitlines()
+    for line in lines:  # one line per write: whole, whatever the other ranks write meanwhile
+        os.write(2, f"[rank {rank}] {line}\n".encode(errors="replace"))
+
+
 class StepWatchdog(TrainerCallback):
     """A thread that watches training progress (steps, eval batches, saves) while the `with` block runs
     (so it never outlives the run, however the run ends).
@@ -223,8 +237,7 @@ class StepWatchdog(TrainerCallback):
                 dumped = True
                 logger.error("rank %d: no progress for %.0f s in step %d (--ddp_timeout %d s); the Python stack of "
                              "every thread of this rank follows", self.rank, idle, self._step, self.timeout)
-                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-                sys.stderr.flush()
+                print_stacks(self.rank)
             if idle > self.timeout + self.exit_after:
                 logger.error("rank %d: still stuck in step %d after --ddp_timeout (%d s): exiting", self.rank,
                              self._step, self.timeout)
