@@ -106,6 +106,20 @@ def test_left_padded_rows_get_positions_from_their_first_token(loaded, image_fol
     assert seen[1][:, -1].tolist() == [len(prompts[0].input_ids), short]  # the first new token continues each row
 
 
+def test_the_prefill_computes_the_vocabulary_logits_of_the_last_position_only(loaded, image_folder):
+    """generate() passes logits_to_keep=1 only to a forward whose signature names it: a batch of 16 long
+    image prompts would otherwise hold batch x prompt x vocabulary logits for one position's use."""
+    prompts = [build_prompt(loaded, "<image>\nWhat color is it?", [Image.open(os.path.join(image_folder, "red.png"))]),
+               build_prompt(loaded, "Hi?")]
+    rows = []
+    hook = loaded.model.lm_head.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[1]))
+    try:
+        generate_batch(loaded, prompts, GenerationSettings(max_new_tokens=3))
+    finally:
+        hook.remove()
+    assert rows and all(positions == 1 for positions in rows), rows
+
+
 def test_prediction_lines_multi_turn_and_passthrough(loaded, image_folder, tmp_path):
     out = tmp_path / "preds.jsonl"
     counts = generate_predictions(loaded, SAMPLES, image_folder, str(out), batch_size=3, max_new_tokens=8,

@@ -73,13 +73,17 @@ class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, **kwargs):
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, logits_to_keep=0,
+                mm_encoder_outputs=None, **kwargs):
         """Stock forward; in training, a text-only batch still runs the vision tower and projector on
         a blank image, scattered into no position (its gradient is zero). Every rank then calls the same
         modules in the same order, forward and backward (ZeRO-3 gathers and reduces parameters with
         collectives), and every trainable parameter gets a gradient (DDP)."""
-        # attention_mask/position_ids are named so that generate() derives positions for padded rows.
-        kwargs.update(attention_mask=attention_mask, position_ids=position_ids)
+        # generate() reads this signature to decide what to pass: attention_mask/position_ids (positions
+        # for padded rows), logits_to_keep (1: without it the prefill computed batch x prompt x vocabulary
+        # logits, of which generation reads the last position only) and mm_encoder_outputs.
+        kwargs.update(attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep,
+                      mm_encoder_outputs=mm_encoder_outputs)
         if not (self.training and pixel_values is None and input_ids is not None and torch.is_grad_enabled()):
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         vision = self.config.vision_config
