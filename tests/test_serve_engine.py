@@ -55,12 +55,14 @@ def test_one_batch_with_different_lengths_equals_each_request_alone(loaded, engi
         assert result.completion_tokens <= n and (result.finish_reason == "length") == (result.completion_tokens == n)
 
 
-def test_stream_adds_up_and_stop_strings_cut(loaded, engine):
+def test_stream_adds_up_to_the_unstreamed_answer_and_stop_strings_cut(loaded, engine):
     prompt = _prompts(loaded)[3]
     events = list(engine.stream(prompt, Sampling(max_tokens=16), timeout=60))
     done = events[-1]
     assert isinstance(done, Completion) and "".join(events[:-1]) == done.text
     assert len(events) > 3
+    quiet = list(engine.stream(prompt, Sampling(max_tokens=16), timeout=60, deltas=False))
+    assert quiet == [done]  # not streamed: no delta events (no per-token decoding), the same answer
     stop = done.text.split()[1]
     cut = engine.complete(prompt, Sampling(max_tokens=16, stop=(stop,)), timeout=60)
     assert cut.text == done.text[:done.text.index(stop)].rstrip() and cut.finish_reason == "stop"

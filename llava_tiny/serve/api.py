@@ -135,7 +135,8 @@ def create_app(engine: Engine, model_id: str, limits: Limits = Limits(), api_key
                            "model_not_found", "model")
         prompt, sampling = await run_in_threadpool(prepare, engine.loaded, body, limits, engine.conv_mode)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request = engine.submit(prompt, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        request = engine.submit(prompt, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+                                stream=bool(body.stream))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_id}
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))

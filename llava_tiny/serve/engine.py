@@ -71,12 +71,13 @@ class EngineClosed(RuntimeError):
 
 @dataclass
 class Request:
-    """A submitted request; `sink` receives str deltas, then a `Completion` (or an exception)."""
+    """A submitted request; `sink` receives str deltas (when `stream`), then a `Completion` (or an exception)."""
 
     id: int
     prompt: Prompt
     sampling: Sampling
     sink: Callable[[object], None]
+    stream: bool = True
     cancelled: bool = field(default=False, repr=False)
 
     def cancel(self) -> None:
@@ -93,6 +94,9 @@ class _Row:
         self.generated = 0  # tokens the model produced for this row, a stop token included
         self.sent = ""
         self.finish_reason: str | None = None
+        # Text is followed token by token only to stream it or to find a stop string in it; otherwise
+        # the answer is decoded once, at the end (decoding each step costs O(length) per token).
+        self.follows_text = request.stream or bool(request.sampling.stop)
 
     def text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
@@ -107,6 +111,8 @@ class _Row:
             self.ids.append(token)
             if len(self.ids) >= sampling.max_tokens:
                 self.finish_reason = "length"
+        if not self.follows_text:
+            return
         text = self.text(self.ids)
         cut = min((text.find(s) for s in sampling.stop if s in text), default=-1)
         if cut >= 0:
@@ -117,13 +123,16 @@ class _Row:
             settled = len(self.ids)
             while settled and self.ids[settled - 1] in self.byte_ids:
                 settled -= 1
-            text = _settled(self.text(self.ids[:settled]), sampling.stop)
+            text = text if settled == len(self.ids) else self.text(self.ids[:settled])
+            text = _settled(text, sampling.stop)
         if text.startswith(self.sent) and len(text) > len(self.sent):
-            _deliver(self.request, text[len(self.sent):])
+            if self.request.stream:
+                _deliver(self.request, text[len(self.sent):])
             self.sent = text
 
     def completion(self, prompt_tokens: int) -> Completion:
-        return Completion(self.sent, self.finish_reason or "length", prompt_tokens, self.generated)
+        text = self.sent if self.follows_text else self.text(self.ids)
+        return Completion(text, self.finish_reason or "length", prompt_tokens, self.generated)
 
 
 def _settled(text: str, stops: tuple[str, ...]) -> str:
@@ -171,23 +180,26 @@ class Engine:
         self._worker.start()
 
     # --- submitting -----------------------------------------------------------------------
-    def submit(self, prompt: Prompt, sampling: Sampling, sink: Callable[[object], None]) -> Request:
-        """Queue a request; `sink` is called from the engine thread with each event."""
+    def submit(self, prompt: Prompt, sampling: Sampling, sink: Callable[[object], None], stream: bool = True) -> Request:
+        """Queue a request; `sink` is called from the engine thread with each event: the text deltas when
+        `stream` (a request that is not streamed skips decoding every token), then the `Completion`."""
         if sampling.max_tokens < 1:
             raise ValueError(f"max_tokens is {sampling.max_tokens}; expected at least 1")
         with self._cv:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             self._next_id += 1
-            request = Request(self._next_id, prompt, sampling, sink)
+            request = Request(self._next_id, prompt, sampling, sink, stream)
             self._waiting.append(request)
             self._cv.notify()
         return request
 
-    def stream(self, prompt: Prompt, sampling: Sampling, timeout: float | None = None) -> Iterator[object]:
-        """Yield the answer's text deltas (str), then its `Completion`. Leaving early cancels the request."""
+    def stream(self, prompt: Prompt, sampling: Sampling, timeout: float | None = None,
+               deltas: bool = True) -> Iterator[object]:
+        """Yield the answer's text deltas (str; none if not `deltas`), then its `Completion`. Leaving early
+        cancels the request."""
         events: queue.Queue = queue.Queue()
-        request = self.submit(prompt, sampling, events.put)
+        request = self.submit(prompt, sampling, events.put, stream=deltas)
         try:
             while True:
                 event = events.get(timeout=timeout)
@@ -201,7 +213,7 @@ class Engine:
 
     def complete(self, prompt: Prompt, sampling: Sampling, timeout: float | None = None) -> Completion:
         """The whole answer at once."""
-        return [e for e in self.stream(prompt, sampling, timeout) if isinstance(e, Completion)][0]
+        return [e for e in self.stream(prompt, sampling, timeout, deltas=False) if isinstance(e, Completion)][0]
 
     def close(self) -> None:
         """Finish the running batch, fail the waiting requests, stop the worker."""
