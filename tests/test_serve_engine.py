@@ -3,6 +3,7 @@ streamed deltas add up to the answer, cancelled rows stop, seeded sampling repea
 serving benchmark's harness runs end to end."""
 import json
 import threading
+import time
 
 import pytest
 import torch
@@ -90,6 +91,27 @@ def test_settled_text_holds_back_what_may_still_change():
     assert _settled("a b", ("b c",)) == "a"
     assert _settled("red \ufffd", ()) == "red"
     assert _settled("red  ", ()) == "red"
+
+
+def test_a_burst_of_requests_shares_one_batch_and_a_steady_stream_is_not_held_forever(loaded):
+    """The next batch starts once no request arrived for `batch_window` s, at most `max_batch_wait` s after
+    the first: clients arriving one after another, each within the window of the last, run together."""
+    engine = Engine(loaded, max_batch_size=16, batch_window=0.3, max_batch_wait=1.5)
+    try:
+        def send(count, gap):
+            done = [threading.Event() for _ in range(count)]
+            for event in done:
+                engine.submit(_prompts(loaded)[4], Sampling(max_tokens=2),
+                              lambda e, event=event: isinstance(e, Completion) and event.set())
+                time.sleep(gap)
+            assert all(event.wait(timeout=60) for event in done)
+
+        send(4, 0.15)  # 0.45 s from first to last: over one window, each arrival within the window of the last
+        assert engine.batch_sizes == [4]
+        send(12, 0.25)  # 2.75 s of arrivals: held at most 1.5 s, then the rest
+        assert len(engine.batch_sizes) >= 3 and sum(engine.batch_sizes[1:]) == 12
+    finally:
+        engine.close()
 
 
 def test_closed_engine_refuses_requests(loaded):

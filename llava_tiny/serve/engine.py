@@ -162,12 +162,15 @@ class Engine:
     """Batches concurrent requests onto one model (see the module docstring). Thread-safe `submit`."""
 
     def __init__(self, loaded, conv_mode: str | None = None, max_batch_size: int = 16,
-                 image_aspect_ratio: str = "pad", image_background: str = "white", batch_window: float = 0.01):
+                 image_aspect_ratio: str = "pad", image_background: str = "white", batch_window: float = 0.02,
+                 max_batch_wait: float = 0.1):
         self.loaded, self.conv_mode = loaded, conv_mode
         self.max_batch_size, self.image_aspect_ratio = max_batch_size, image_aspect_ratio
-        # After a request arrives the worker waits this long (seconds) for others, so clients that send
-        # at almost the same time share one batch instead of the first running alone.
-        self.batch_window = batch_window
+        # Clients that send at almost the same time share one batch: the worker starts a batch once no
+        # request has arrived for `batch_window` s (at most `max_batch_wait` s after the first). A fixed
+        # wait from the first arrival split 16 concurrent clients into two batches (the server parses
+        # them one after another), and the second waited for the whole first one.
+        self.batch_window, self.max_batch_wait = batch_window, max_batch_wait
         self.image_background = image_background
         self.stop_ids = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
         self.byte_ids = {i for token, i in loaded.tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
@@ -230,9 +233,12 @@ class Engine:
         with self._cv:
             while not self._waiting and not self._closed:
                 self._cv.wait()
-            deadline = time.monotonic() + self.batch_window
-            while not self._closed and len(self._waiting) < self.max_batch_size and time.monotonic() < deadline:
-                self._cv.wait(deadline - time.monotonic())
+            deadline = time.monotonic() + self.max_batch_wait
+            while not self._closed and len(self._waiting) < self.max_batch_size:
+                arrived = len(self._waiting)
+                self._cv.wait(max(0.0, min(self.batch_window, deadline - time.monotonic())))
+                if len(self._waiting) == arrived or time.monotonic() >= deadline:
+                    break  # quiet for a window, or waited long enough
             if self._closed:
                 return None
             first = self._waiting[0]
