@@ -1,4 +1,5 @@
 import os
+import sys
 
 # No test touches a model hub or the network; keep runs quiet and single-threaded per process.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -7,6 +8,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Every subprocess finds this environment's `deepspeed` launcher and `ninja`, and DeepSpeed's CPU op is built once
+# per checkout: two ninja binaries (the venv's and /usr/bin's) alternating over one build folder rebuilt the op
+# (~45 s) at each switch, four times in one CI run, and pushed gpu_suite's ZeRO-2 smoke run past its budget.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), ".torch_extensions"))
 
 import pytest  # noqa: E402
 
