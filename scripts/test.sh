@@ -12,6 +12,5 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     || echo "could not install chromium + chromium-driver: the browser test will be skipped"
 fi
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# DeepSpeed compiles its CPU comm op once (~45 s); keep it between runs.
-export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
+# tests/conftest.py puts .venv/bin first on PATH and keeps DeepSpeed's CPU op in .torch_extensions/.
 exec .venv/bin/python -m pytest -q "$@"
