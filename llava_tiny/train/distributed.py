@@ -35,6 +35,15 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def end_process_group() -> None:
+    """After a run ends well: wait for every rank, then close the process group. Left to interpreter exit,
+    gloo's worker threads are torn down after Python is gone and the process can abort (SIGABRT, "terminate
+    called without an active exception": pytorch/pytorch#190489), failing a job that finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _process_gone(pid: int) -> bool:
     """True when `pid` (on this host) has exited, or is a zombie its launcher has not reaped yet."""
     try:

@@ -27,7 +27,7 @@ from llava_tiny.model.checkpoints import load_projector_weights  # noqa: E402
 from llava_tiny.train.arguments import RunArguments, parse_args  # noqa: E402
 from llava_tiny.train.callbacks import PreemptionCallback  # noqa: E402
 from llava_tiny.train.dataset import LazySupervisedDataset  # noqa: E402
-from llava_tiny.train.distributed import PeerWatchdog, StepWatchdog  # noqa: E402
+from llava_tiny.train.distributed import PeerWatchdog, StepWatchdog, end_process_group  # noqa: E402
 from llava_tiny.train.fast_path import run_frozen_tower_without_grad  # noqa: E402
 from llava_tiny.train.packing import make_data_collator, use_packed_attention  # noqa: E402
 from llava_tiny.train.recipes import make_recipe  # noqa: E402
@@ -44,6 +44,11 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None,
     """Run one training job from LLaVA-style command-line flags (`train_dpo.py` passes its flags and trainer)."""
     args = parse_args(argv, training_class)  # every flag problem at once, before any model loads
     _setup_logging(args.training)
+    _train(args, attn_implementation, build)
+    end_process_group()  # not on an error: a rank that died or hangs would keep the others waiting here
+
+
+def _train(args: RunArguments, attn_implementation: str | None, build) -> None:
     resume = prepare_run_dir(*args)  # the same command resumes an interrupted run
     if resume and not args.training.resume_from_checkpoint and saved_at_last_step(resume):
         # The run was killed in its final save: its last checkpoint already is the final model.
