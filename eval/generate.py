@@ -198,8 +198,8 @@ class _Progress:
 
 def generate_predictions(loaded, samples: list[dict], image_folder: str | None, out_path: str, batch_size: int = 16,
                          max_new_tokens: int = 64, temperature: float = 0.0, top_p: float | None = None,
-                         num_beams: int = 1, conv_mode: str | None = None, image_aspect_ratio: str = "pad",
-                         image_background: str = "white", blank_images: bool = False, allow_images_outside_folder: bool = False,
+                         num_beams: int = 1, conv_mode: str | None = None, image_aspect_ratio: str | None = None,
+                         image_background: str | None = None, blank_images: bool = False, allow_images_outside_folder: bool = False,
                          progress: bool | None = None) -> dict[str, int]:
     """Generate a prediction for every question of `samples` not yet in `out_path`, appending lines.
 

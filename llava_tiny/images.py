@@ -67,17 +67,6 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return canvas.convert("RGB")
 
 
-def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Pad to a square, image centred, as LLaVA's `expand2square` (`--image_aspect_ratio pad`)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    canvas = Image.new(image.mode, (side, side), background)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-    return canvas
-
-
 def _target_size(image_processor) -> tuple[int, int]:
     size = getattr(image_processor, "crop_size", None) or image_processor.size
     if "height" in size:
@@ -86,29 +75,54 @@ def _target_size(image_processor) -> tuple[int, int]:
     return side, side
 
 
-def preprocess_images(images: list[Image.Image], image_processor, aspect_ratio: str = "pad",
-                      background: str = "white"):
-    """`pixel_values` for the vision tower.
+# The settings of an image processor that decide its pixels (all of them `LlavaImageProcessor` settings).
+_PIXEL_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                   "do_normalize", "image_mean", "image_std")
 
-    Transparent pixels are first composited onto `background` (`white` or `mean`, see `to_rgb`).
-    `pad`: pad to square with the processor's mean colour, then resize (LLaVA-1.5);
-    `square`: resize to the tower's square size, ignoring the aspect ratio;
-    `resize`: the processor's own resize + centre crop.
+
+def processor_for_aspect_ratio(image_processor, aspect_ratio: str = "pad"):
+    """The stock `LlavaImageProcessor` that prepares images for the vision tower as `--image_aspect_ratio`
+    says, from the tower's own processor (CLIP: resize the short side + centre crop; SigLIP: resize):
+
+    `pad`: pad to a square in int(mean * 255), image centred, then the tower's resize (LLaVA-1.5's
+    `expand2square`; `do_pad`); `square`: resize to the tower's square size, ignoring the aspect ratio;
+    `resize`: the tower's own resize (+ centre crop).
+
+    Training, inference and the saved folder all use this one processor, so stock readers of a saved
+    folder (transformers' `AutoProcessor`, lmms-eval, vLLM, SGLang) prepare an image exactly as training did.
     """
+    from transformers import LlavaImageProcessor  # falls back to its PIL twin without torchvision
+
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio {aspect_ratio!r}; expected one of {ASPECT_RATIOS}")
+    settings = {k: v for k, v in image_processor.to_dict().items() if k in _PIXEL_SETTINGS and v is not None}
+    settings.setdefault("do_center_crop", False)  # SigLIP has no crop; LlavaImageProcessor would crop by default
+    if aspect_ratio == "square":
+        width, height = _target_size(image_processor)
+        settings.update(size={"height": height, "width": width}, do_center_crop=False)
+    return LlavaImageProcessor(**settings, do_pad=aspect_ratio == "pad", do_convert_rgb=True)
+
+
+def preprocess_images(images: list[Image.Image], image_processor, aspect_ratio: str = "pad",
+                      background: str = "white"):
+    """`pixel_values` for the vision tower: transparent pixels composited onto `background` (`white`, as
+    stock processors do, or `mean`, see `to_rgb`), then `processor_for_aspect_ratio`'s processor."""
     colour = background_colour(background, image_processor)
     images = [to_rgb(img, colour) for img in images]
-    if aspect_ratio == "pad":
-        mean = tuple(int(x * 255) for x in image_processor.image_mean)
-        images = [expand_to_square(img, mean) for img in images]
-    elif aspect_ratio == "square":
-        images = [img.resize(_target_size(image_processor), Image.BICUBIC) for img in images]
-    return image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return processor_for_aspect_ratio(image_processor, aspect_ratio)(images=images, return_tensors="pt")["pixel_values"]
+
+
+def image_settings(config, aspect_ratio: str | None = None, background: str | None = None) -> tuple[str, str]:
+    """(`image_aspect_ratio`, `image_background`) for a model: the ones asked for, else those its config
+    recorded in training (LLaVA-1.5's `pad` and white for folders that record none)."""
+    return (aspect_ratio or getattr(config, "image_aspect_ratio", None) or "pad",
+            background or getattr(config, "image_background", None) or "white")
 
 
 def add_image_flags(parser) -> None:
     """`--image-aspect-ratio` and `--image-background`, the same for every command that reads images."""
-    parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default="pad")
-    parser.add_argument("--image-background", "--image_background", choices=IMAGE_BACKGROUNDS, default="white",
-                        help="what transparent pixels become: white, or the processor's mean colour (default white)")
+    parser.add_argument("--image-aspect-ratio", "--image_aspect_ratio", choices=ASPECT_RATIOS, default=None,
+                        help="default: the model's own (image_aspect_ratio in its config.json, pad if none)")
+    parser.add_argument("--image-background", "--image_background", choices=IMAGE_BACKGROUNDS, default=None,
+                        help="what transparent pixels become: white, or the processor's mean colour (default: the "
+                             "model's own, image_background in its config.json, white if none)")

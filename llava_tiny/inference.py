@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from .conversation import IMAGE_TOKEN, get_template, marker_problem, stop_token_ids, tokenize_prompt
-from .images import preprocess_images
+from .images import image_settings, preprocess_images
 from .model.modeling import image_seq_length, unwrap_model
 
 
@@ -35,8 +35,9 @@ class GenerationSettings:
     temperature: float = 0.0
     top_p: float | None = None
     num_beams: int = 1
-    image_aspect_ratio: str = "pad"
-    image_background: str = "white"  # what transparent pixels become: "white" or "mean" (`images.to_rgb`)
+    # None: as the model was trained (its config.json); else "pad"/"square"/"resize" and "white"/"mean"
+    image_aspect_ratio: str | None = None
+    image_background: str | None = None
 
 
 def template_name(loaded, conv_mode: str | None = None) -> str:
@@ -133,8 +134,8 @@ def generate_ids(loaded, prompts: list[Prompt], settings: GenerationSettings | N
               "position_ids": position_ids.to(device)}
     images = [image for p in prompts for image in p.images]
     if images:
-        pixels = preprocess_images(images, loaded.image_processor, settings.image_aspect_ratio,
-                                   settings.image_background)
+        pixels = preprocess_images(images, loaded.image_processor, *image_settings(
+            llava.config, settings.image_aspect_ratio, settings.image_background))
         inputs["pixel_values"] = pixels.to(device=device, dtype=dtype)
     template = template_name(loaded, conv_mode)
     stop_ids = stop_token_ids(loaded.tokenizer, template)
@@ -162,6 +163,6 @@ def probe_inputs(loaded, question: str = "<image>\nDescribe the image in detail.
     gradient = Image.linear_gradient("L").resize((size, size))
     image = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
     prompt = build_prompt(loaded, question, [image])
-    pixels = preprocess_images(prompt.images, loaded.image_processor, "pad")
+    pixels = preprocess_images(prompt.images, loaded.image_processor, *image_settings(llava.config))
     return {"input_ids": torch.tensor([prompt.input_ids], device=llava.device),
             "pixel_values": pixels.to(device=llava.device, dtype=llava.dtype)}

@@ -1,5 +1,9 @@
-"""DeepSpeed ZeRO-2/3 over two CPU processes (gloo), launched like the GPU scripts: trains, saves,
-the checkpoint equals DeepSpeed's own consolidated weights, reloads and generates."""
+"""DeepSpeed ZeRO-2/3 over two CPU processes (gloo), launched like the GPU scripts: trains, evaluates on a
+set that alternates image and text-only records (one rank's whole eval batch is text-only: under ZeRO-3 a
+rank that skips the vision tower while the other runs it aborts gloo and hangs NCCL), saves, the checkpoint
+equals DeepSpeed's own consolidated weights, reloads and generates. Peer: DeepSpeed itself."""
+import json
+import math
 import os
 import socket
 import subprocess
@@ -19,6 +23,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_alternating_eval_set(data: dict, path) -> str:
+    """Image, text-only, image, ... : with batch size 1 on two ranks, rank 0 gets every image record and rank 1
+    every text-only one (batches are dealt round-robin)."""
+    records = json.load(open(data["data_path"]))
+    images = [r for r in records if "image" in r]
+    texts = [r for r in records if "image" not in r]
+    with open(path, "w") as f:
+        json.dump([r for pair in zip(images, texts) for r in pair], f)
+    return str(path)
 
 
 def launch(tiny_parts, data, out, zero, *flags):
@@ -54,7 +69,11 @@ def test_two_process_training_saves_what_it_trained(tmp_path, tiny_parts, color_
     flags = ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--mm_projector_lr", "2e-3"] \
         if mode == "lora" else []
     out = tmp_path / "out"
-    launch(tiny_parts, color_data, out, zero, *flags)
+    eval_data = write_alternating_eval_set(color_data, tmp_path / "eval.json")
+    launch(tiny_parts, color_data, out, zero, *flags, "--eval_data_path", eval_data, "--evaluation_strategy",
+           "steps", "--eval_steps", "2", "--per_device_eval_batch_size", "1")
+    evals = [h for h in json.load(open(out / "trainer_state.json"))["log_history"] if "eval_loss" in h]
+    assert evals[0]["step"] == 2 and all(math.isfinite(h["eval_loss"]) for h in evals)
 
     loaded = load_pretrained_model(str(out), merge_lora=False)
     assert loaded.kind == mode

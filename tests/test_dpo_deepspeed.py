@@ -1,7 +1,10 @@
 """DPO under DeepSpeed ZeRO-2/3 over two CPU processes (gloo), launched like the GPU scripts: LoRA
 (reference = adapters off) and full (a frozen reference partitioned like the policy); the checkpoint
 equals DeepSpeed's own consolidation and loads in load_pretrained_model, eval.generate, merge_lora
-and the chat CLI (the server's loader); scripts/dpo.sh runs."""
+and the chat CLI (the server's loader); scripts/dpo.sh runs. The eval pairs are ordered image, text, text,
+image at batch size 1, so that under ZeRO-3 one rank's whole batch is text-only while the other's holds an
+image, both in the reference log-probs (contiguous halves) and in evaluation (batches dealt round-robin).
+Peer: DeepSpeed itself."""
 import io
 import json
 import math
@@ -24,7 +27,12 @@ LORA = ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16", "--freez
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs")
-    return {"data_path": write_preference_dataset(root, n=8, text_only=2, seed=3), "image_folder": str(root)}
+    path = write_preference_dataset(root, n=8, text_only=2, seed=3)
+    records = json.load(open(path))
+    images, texts = [r for r in records if "image" in r], [r for r in records if "image" not in r]
+    with open(root / "eval-pairs.json", "w") as f:
+        json.dump([images[0], texts[0], texts[1], images[1]], f)
+    return {"data_path": path, "eval_data_path": str(root / "eval-pairs.json"), "image_folder": str(root)}
 
 
 def _env():
@@ -36,9 +44,9 @@ def launch_dpo(tiny_parts, data, out, zero, *flags):
     cmd = [deepspeed, "--num_gpus", "2", "--master_port", str(_free_port()), "llava_tiny/train/train_dpo.py",
            "--deepspeed", f"zero_configs/{zero}.json", "--model_name_or_path", tiny_parts["llm"], "--version", "v1",
            "--vision_tower", tiny_parts["clip"], "--data_path", data["data_path"], "--image_folder",
-           data["image_folder"], "--eval_data_path", data["data_path"], "--eval_strategy", "steps", "--eval_steps", "3",
+           data["image_folder"], "--eval_data_path", data["eval_data_path"], "--eval_strategy", "steps", "--eval_steps", "3",
            "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "2",
-           "--per_device_eval_batch_size", "4", "--save_strategy", "steps", "--save_steps", "3", "--learning_rate", "5e-3",
+           "--per_device_eval_batch_size", "1", "--save_strategy", "steps", "--save_steps", "3", "--learning_rate", "5e-3",
            "--logging_steps", "1", "--bf16", "True", "--gradient_checkpointing", "True",
            "--dataloader_num_workers", "0", "--report_to", "none", *flags]
     result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
@@ -55,7 +63,7 @@ def test_two_process_dpo_trains_and_saves_what_it_trained(tmp_path, tiny_parts, 
     assert logs[0]["loss"] == pytest.approx(LN2, abs=1e-4) and logs[0]["rewards/margins"] == 0.0
     assert all(name in logs[-1] for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                              "logps/chosen", "logps/rejected"))
-    assert [h["eval_pairs"] for h in history if "eval_loss" in h] == [10]  # both processes' pairs, once each
+    assert [h["eval_pairs"] for h in history if "eval_loss" in h] == [4]  # both processes' pairs, once each
 
     loaded = load_pretrained_model(str(out), merge_lora=False)
     assert loaded.kind == mode

@@ -28,6 +28,9 @@ class LlavaTinyConfig(LlavaConfig):
     mm_vision_tower: str | None = None
     mm_base_model: str | None = None
     conversation_template: str = "llava_v1"
+    # How training prepared images (`images.preprocess_images`): serving, evaluation and export read them here.
+    image_aspect_ratio: str = "pad"
+    image_background: str = "white"
 
     def to_dict(self):
         data = super().to_dict()
@@ -75,16 +78,15 @@ class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, logits_to_keep=0,
                 mm_encoder_outputs=None, **kwargs):
-        """Stock forward; in training, a text-only batch still runs the vision tower and projector on
-        a blank image, scattered into no position (its gradient is zero). Every rank then calls the same
-        modules in the same order, forward and backward (ZeRO-3 gathers and reduces parameters with
-        collectives), and every trainable parameter gets a gradient (DDP)."""
+        """Stock forward, except that a text-only batch still runs the vision tower and projector on a blank
+        image, scattered into no position (its gradient is zero), when other ranks may be running them
+        (see `_runs_blank_image`)."""
         # generate() reads this signature to decide what to pass: attention_mask/position_ids (positions
         # for padded rows), logits_to_keep (1: without it the prefill computed batch x prompt x vocabulary
         # logits, of which generation reads the last position only) and mm_encoder_outputs.
         kwargs.update(attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep,
                       mm_encoder_outputs=mm_encoder_outputs)
-        if not (self.training and pixel_values is None and input_ids is not None and torch.is_grad_enabled()):
+        if pixel_values is not None or input_ids is None or not self._runs_blank_image():
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         vision = self.config.vision_config
         blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
@@ -94,6 +96,17 @@ class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
             return super().forward(input_ids=input_ids, pixel_values=blank, **kwargs)
         finally:
             self.model.blank_image_batch = False
+
+    def _runs_blank_image(self) -> bool:
+        """Whether a forward without images must still call the tower and projector:
+        - in training, so every rank calls the same modules forward and backward and every trainable
+          parameter gets a gradient (DDP and ZeRO reduce them with collectives);
+        - under ZeRO-3 always, also under no_grad (evaluation, DPO's reference log-probs, generation): each
+          forward gathers the partitioned parameters module by module, so one rank skipping the tower
+          while another runs it is a collective mismatch (gloo aborts, NCCL hangs; DeepSpeed #7170)."""
+        if self.training and torch.is_grad_enabled():
+            return True
+        return hasattr(next(self.model.vision_tower.parameters()), "ds_id")  # set on ZeRO-3 partitioned params
 
 
 def unwrap_model(model):

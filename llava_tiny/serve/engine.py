@@ -162,7 +162,7 @@ class Engine:
     """Batches concurrent requests onto one model (see the module docstring). Thread-safe `submit`."""
 
     def __init__(self, loaded, conv_mode: str | None = None, max_batch_size: int = 16,
-                 image_aspect_ratio: str = "pad", image_background: str = "white", batch_window: float = 0.02,
+                 image_aspect_ratio: str | None = None, image_background: str | None = None, batch_window: float = 0.02,
                  max_batch_wait: float = 0.1):
         self.loaded, self.conv_mode = loaded, conv_mode
         self.max_batch_size, self.image_aspect_ratio = max_batch_size, image_aspect_ratio
