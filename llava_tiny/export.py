@@ -7,7 +7,6 @@ before (merge) or after (export) writing.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Llav
 from .inference import probe_inputs
 from .model.builder import load_pretrained_model
 from .model import image_seq_length
-from .model.checkpoints import checkpoint_kind
+from .model.checkpoints import checkpoint_kind, local_folder, saved_config
 from .model.projector import is_stock_llava_projector
 
 logger = logging.getLogger(__name__)
@@ -64,9 +63,8 @@ def require_empty_dir(path: str) -> None:
 
 
 def recorded_dtype(checkpoint: str) -> torch.dtype:
-    """The dtype written in the checkpoint's config.json (what it was trained/saved in); float32 if none."""
-    with open(os.path.join(checkpoint, "config.json")) as f:
-        config = json.load(f)
+    """The dtype written in the checkpoint's config (what it was trained/saved in); float32 if none."""
+    config = saved_config(checkpoint)
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
     return DTYPES.get(str(name).replace("torch.", ""), torch.float32)
 
@@ -80,6 +78,7 @@ def merge_lora_checkpoint(model_path: str, save_path: str, model_base: str | Non
     merges as it loads (its adapter sits on the bare LLM): the difference is then 0 by construction.
     """
     require_empty_dir(save_path)
+    model_path = local_folder(model_path)  # a hub id: its snapshot (from the cache when offline)
     kind = checkpoint_kind(model_path)
     if kind != "lora":
         raise ValueError(f"{model_path} is a {kind} checkpoint, not a LoRA one (no adapter_config.json); "
@@ -124,6 +123,7 @@ def export_checkpoint(model_path: str, save_path: str, model_base: str | None = 
                       verify: bool = True, tolerance: float = 1e-4) -> dict:
     """Export `model_path` to `save_path`; returns {"kind", "model_type", "stock", "max_difference"}."""
     require_empty_dir(save_path)
+    model_path = local_folder(model_path)  # a hub id: its snapshot (from the cache when offline)
     dtype = recorded_dtype(model_path) if save_dtype == "auto" else DTYPES[save_dtype]
     loaded = load_pretrained_model(model_path, model_base=model_base, device="cpu", dtype=torch.float32,
                                    merge_lora=True)

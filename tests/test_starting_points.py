@@ -42,13 +42,15 @@ def _image_processor():
 
 @pytest.fixture(scope="module")
 def stock_llava(tmp_path_factory):
-    """What `llava-hf/*` users have: a stock `LlavaForConditionalGeneration` folder with its processor."""
+    """What `llava-hf/*` users have: a stock `LlavaForConditionalGeneration` folder with its processor (a small
+    tower, 4 tokens per image, under the config's default `image_seq_length` 576, as stock writes it)."""
     torch.manual_seed(0)
     folder = str(tmp_path_factory.mktemp("stock") / "llava")
     tokenizer = _tokenizer(with_image=True)
     config = LlavaConfig(text_config=LlamaConfig(vocab_size=len(tokenizer), **TEXT),
                          vision_config=CLIPVisionConfig(**VISION), image_token_index=len(tokenizer) - 1,
-                         image_seq_length=4, vision_feature_layer=-2, vision_feature_select_strategy="default")
+                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    assert config.image_seq_length == 576  # stock's default, whatever the tower: its processor counts from sizes
     LlavaForConditionalGeneration(config).save_pretrained(folder)
     LlavaProcessor(image_processor=_image_processor(), tokenizer=tokenizer, patch_size=14,
                    vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(folder)
@@ -98,6 +100,7 @@ def test_a_stock_llava_folder_trains_with_nothing_reinitialised(tmp_path, stock_
     assert saved.keys() == start.keys()
     changed = [k for k in start if not torch.equal(start[k], saved[k])]
     assert not changed, f"re-initialised or changed at learning rate 0: {changed[:5]}"
+    assert json.load(open(tmp_path / "same" / "config.json"))["image_seq_length"] == 4  # counted from the tower
     losses = _train(stock_llava, color_data, tmp_path / "learns", "--max_steps", "6", "--learning_rate", "3e-3")
     assert losses[-1] < losses[0] - 0.5
     # This project's own full output is a starting point too: again nothing moves at learning rate 0.
@@ -228,3 +231,20 @@ def test_the_seed_command_from_a_llava_folder_runs_zero3_lora_on_two_processes(t
     assert loaded.kind == "lora" and loaded.template == "vicuna_v1"
     prompt = build_prompt(loaded, "<image>\nWhat color is the image?", [Image.new("RGB", (30, 30), (200, 20, 20))])
     assert isinstance(generate_batch(loaded, [prompt], GenerationSettings(max_new_tokens=3))[0], str)
+
+
+def test_a_hub_id_in_the_cache_is_told_apart_by_its_files(tmp_path, stock_llava):
+    """A `llava-hf/*`-style id resolved from the hub cache (offline, as huggingface_hub lays the cache out) is the
+    LLaVA it holds, for serving and export as for training; not "a text model" because it is not a local folder."""
+    from llava_tiny.model.builder import load_checkpoint
+
+    snapshot = tmp_path / "cache" / "models--llava-hf--tiny-llava" / "snapshots" / ("0" * 40)
+    shutil.copytree(stock_llava, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    loaded = load_checkpoint("llava-hf/tiny-llava", cache_dir=str(tmp_path / "cache"))
+    assert loaded.kind == "full" and loaded.model.config.image_seq_length == 4
+    start = load_file(os.path.join(stock_llava, "model.safetensors"))
+    weights = loaded.model.state_dict()
+    assert torch.equal(weights["model.multi_modal_projector.linear_1.weight"],
+                       start["multi_modal_projector.linear_1.weight"])

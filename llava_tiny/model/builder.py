@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from ..conversation import get_template, prepare_tokenizer
 from .assembly import (LoadedModel, _resize_embeddings, assemble_model, attach_vision, build_processor,  # noqa: F401
                        count_parameters, load_text_model, resolve_dtype)
-from .checkpoints import (ADAPTER_CONFIG, NON_LORA_FILE, checkpoint_kind, load_non_lora_trainables,
-                          load_projector_weights, read_config, read_json)
+from .checkpoints import (ADAPTER_CONFIG, NON_LORA_FILE, load_non_lora_trainables, load_projector_weights,
+                          local_folder, read_config, read_json, resolve_kind, saved_config)
 from .llava_original import (is_llava_original, pickled_weights_error, projector_from, projector_state,
                              text_config_dict)
 from .modeling import LlavaTinyForCausalLM
@@ -57,7 +57,9 @@ def load_checkpoint(model_path: str, model_base: str | None = None, dtype: torch
     dtype = dtype or resolve_dtype()
     options = {"dtype": dtype, "attn_implementation": attn_implementation, "quantization_config": quantization_config,
                "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
-    kind = checkpoint_kind(model_path) if os.path.isdir(model_path) else "text"  # not a folder: a hub LLM id
+    kind = resolve_kind(model_path, cache_dir)
+    if kind != "text":  # a causal LM loads by id through from_pretrained; the other kinds read their folder's files
+        model_path = local_folder(model_path, cache_dir)
     if kind == "full":
         loaded = _load_llava(model_path, version, **options)
     elif kind == "text":
@@ -114,7 +116,7 @@ def _load_llava_original(path: str, version: str | None, vision_tower: str | Non
 
 def _load_on_base(kind: str, path: str, model_base: str | None, merge_lora: bool, version: str | None,
                   options: dict) -> LoadedModel:
-    config = read_json(os.path.join(path, "config.json"))
+    config = saved_config(path)  # a text-only LoRA's is base_config.json
     if is_llava_original(config):
         return _load_llava_original_lora(path, config, model_base, version, options)
     if config.get("model_type") not in ("llava", "llava_tiny"):  # a text-only LoRA

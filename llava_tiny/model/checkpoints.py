@@ -4,7 +4,9 @@
                (stock `LlavaForConditionalGeneration` loads it when the projector is mlp2x_gelu)
     text       a causal LM (text-only runs): model.safetensors + config.json + tokenizer
     lora       adapter_config.json + adapter_model.safetensors (peft) + non_lora_trainables.safetensors
-               (every other trained weight: the projector, the tower when tuned) + config.json + processor
+               (every other trained weight: the projector, the tower when tuned) + config.json + processor;
+               a text-only LoRA keeps its base config as base_config.json instead (a stock PEFT folder:
+               `AutoModelForCausalLM.from_pretrained(folder)` loads it)
     projector  mm_projector.safetensors (stage 1) + config.json (recording the base parts) + processor
 
 Read only: `llava_original` (LLaVA's own layout, `llava_original.py`). A folder's kind is read
@@ -14,20 +16,29 @@ checkpoint kind is added here.
 """
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..images import processor_for_aspect_ratio
 from .llava_original import is_llava_original, pickled_weights_error
 from .modeling import LlavaTinyConfig
+from .vision import num_image_tokens
+
+logger = logging.getLogger(__name__)
 
 PROJECTOR_FILE = "mm_projector.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 NON_LORA_FILE = "non_lora_trainables.safetensors"
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json")
+# Not config.json: next to adapter_config.json that tells stock transformers the base weights are in the folder,
+# and its one-line load (`AutoModelForCausalLM.from_pretrained`) then looks for model.safetensors there.
+BASE_CONFIG_FILE = "base_config.json"
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 
 
@@ -66,9 +77,49 @@ def checkpoint_kind(path: str) -> str:
         f"(LoRA) or {PROJECTOR_FILE} (stage-1 projector); found {sorted(files) or 'nothing'}")
 
 
+def local_folder(path_or_id: str, cache_dir: str | None = None) -> str:
+    """A local folder for `path_or_id`: itself, or the hub snapshot (from the cache when offline)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path_or_id, cache_dir=cache_dir, allow_patterns=[
+        "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.bin"])
+
+
+def resolve_kind(path_or_id: str, cache_dir: str | None = None) -> str:
+    """The kind of a local folder or a hub id (its files read from the hub cache when offline): the one
+    resolver for training's starting point, loading for inference and serving, and export."""
+    if os.path.isdir(path_or_id):
+        return checkpoint_kind(path_or_id)
+    from transformers.utils import cached_file  # a hub id: its config.json decides (read from the cache offline)
+
+    if cached_file(path_or_id, "adapter_config.json", cache_dir=cache_dir,
+                   _raise_exceptions_for_missing_entries=False):
+        return "lora"
+    config = read_json(cached_file(path_or_id, "config.json", cache_dir=cache_dir))
+    if is_llava_original(config):
+        return "llava_original"
+    return "full" if config.get("model_type") in ("llava", "llava_tiny") else "text"
+
+
 def read_json(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def saved_config(path: str) -> dict:
+    """The folder's config: config.json, a text-only LoRA's base_config.json, or {} (a stock PEFT folder)."""
+    for name in ("config.json", BASE_CONFIG_FILE):
+        if os.path.isfile(os.path.join(path, name)):
+            return read_json(os.path.join(path, name))
+    return {}
+
+
+def is_text_lora(path: str) -> bool:
+    """Whether the LoRA folder `path` adapts a language model alone (no tower, no projector)."""
+    config = saved_config(path)
+    return config.get("model_type") not in ("llava", "llava_tiny") and not is_llava_original(config)
 
 
 def read_config(path: str) -> LlavaTinyConfig:
@@ -76,7 +127,17 @@ def read_config(path: str) -> LlavaTinyConfig:
     data = read_json(os.path.join(path, "config.json"))
     data.pop("model_type", None)
     data.pop("architectures", None)
-    return LlavaTinyConfig.from_dict(data)
+    config = LlavaTinyConfig.from_dict(data)
+    # Counted from the tower, as stock transformers' processor does: a stock LlavaConfig built around another
+    # tower keeps the default 576 (written right on save).
+    counted = num_image_tokens(config.vision_config, config.vision_feature_select_strategy)
+    if config.image_seq_length != counted:
+        vision = config.vision_config
+        logger.warning("%s: config.json says image_seq_length %s, but its vision tower (%d px images, %d px patches, "
+                       "%r features) gives %d tokens per image: using %d", path, config.image_seq_length,
+                       vision.image_size, vision.patch_size, config.vision_feature_select_strategy, counted, counted)
+        config.image_seq_length = counted
+    return config
 
 
 def _check_not_empty(state_dict: dict[str, torch.Tensor], where: str) -> None:
@@ -120,8 +181,41 @@ def save_checkpoint(kind: str, model, processor, output_dir: str, state_dict: di
         _check_not_empty(state_dict, output_dir)
         model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
     base = model.get_base_model() if kind == "lora" else model
-    base.config.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    if kind == "lora" and getattr(base.config, "vision_config", None) is None:
+        _save_text_lora_config(base.config, output_dir)
+    else:
+        base.config.save_pretrained(output_dir)
+    processor_for_stock_readers(processor, base.config).save_pretrained(output_dir)
+
+
+def processor_for_stock_readers(processor, config):
+    """`processor` with the image processor that prepares images as training did (`image_aspect_ratio`), so
+    `AutoProcessor.from_pretrained(folder)` (transformers, lmms-eval, vLLM, SGLang) feeds the model what it
+    was trained on. Transparent pixels are the one thing stock processors cannot follow: they composite
+    onto white, so a model trained with `--image_background mean` is said to differ there."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None or getattr(config, "vision_config", None) is None:
+        return processor  # a text-only model: its processor is its tokenizer
+    if getattr(config, "image_background", "white") != "white":
+        logger.warning("trained with --image_background %s: stock readers of this folder (transformers, vLLM, "
+                       "SGLang, lmms-eval) composite transparent pixels onto white; this project's own loaders "
+                       "read image_background from config.json", config.image_background)
+    stock = copy.copy(processor)
+    stock.image_processor = processor_for_aspect_ratio(image_processor, getattr(config, "image_aspect_ratio", "pad"))
+    return stock
+
+
+def _save_text_lora_config(config, output_dir: str) -> None:
+    """A text-only LoRA folder stays a stock PEFT folder: the base config under BASE_CONFIG_FILE, and the
+    adapter's base is the folder the run started from when that was a checkpoint (a LoRA folder merged at
+    start): the adapter applies to it, not to the original base peft records."""
+    config.to_json_file(os.path.join(output_dir, BASE_CONFIG_FILE), use_diff=True)
+    started_from = getattr(config, "mm_base_model", None)
+    if started_from:
+        adapter_config = read_json(os.path.join(output_dir, ADAPTER_CONFIG))
+        adapter_config["base_model_name_or_path"] = started_from
+        with open(os.path.join(output_dir, ADAPTER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(adapter_config, f, indent=2, sort_keys=True)
 
 
 def load_projector_weights(model, path: str) -> None:

@@ -88,7 +88,7 @@ def make_datasets(loaded, args: RunArguments, dataset_class=LazySupervisedDatase
 
 def load_model_for_training(args: RunArguments, attn_implementation: str | None = None):
     """The starting point, loaded and prepared by its recipe: (the `LoadedModel`, the model to train, the recipe)."""
-    model_args, _, training_args = args
+    model_args, data_args, training_args = args
     recipe = make_recipe(model_args, training_args)
     set_seed(training_args.seed)  # the projector's initial weights depend on it
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -96,10 +96,12 @@ def load_model_for_training(args: RunArguments, attn_implementation: str | None 
     dtype = resolve_dtype(device, requested)
     loaded = load_starting_point(model_args, training_args, dtype, recipe.quantization_config(dtype),
                                  _attention(attn_implementation))
+    if getattr(loaded.model.config, "vision_config", None) is not None:  # saved: how this model sees images
+        loaded.model.config.image_aspect_ratio = data_args.image_aspect_ratio
+        loaded.model.config.image_background = data_args.image_background
     if model_args.pretrain_mm_mlp_adapter:
         load_projector_weights(loaded.model, model_args.pretrain_mm_mlp_adapter)
         logger.info("projector initialised from %s", model_args.pretrain_mm_mlp_adapter)
-    loaded.tokenizer.model_max_length = training_args.model_max_length
     model = recipe.prepare(loaded.model)
     run_frozen_tower_without_grad(model)
     if training_args.packing:
