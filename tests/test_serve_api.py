@@ -181,7 +181,7 @@ BAD_REQUESTS = {
                             "invalid_messages"),
     "tool role": ([{"role": "tool", "content": "x", "tool_call_id": "1"}], {}, 400, "invalid_messages"),
     "bad temperature": ([{"role": "user", "content": "hi"}], {"temperature": 7}, 400, "invalid_request"),
-    "n > 1": ([{"role": "user", "content": "hi"}], {"n": 2}, 400, "invalid_request"),
+    "n > 1": ([{"role": "user", "content": "hi"}], {"n": 2}, 400, "unsupported_parameter"),
     "body too large": ([image_message("hi", png_url(BIG))], {}, 413, "request_too_large"),
 }
 

@@ -149,7 +149,7 @@ def create_app(engine: Engine, model_id: str, limits: Limits = Limits(), api_key
         if isinstance(event, BaseException):
             raise ApiError(500, f"generation failed: {event}", "generation_failed", type="server_error")
         return {**head, "object": "chat.completion", "usage": _usage(event),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text, "refusal": None},
                              "finish_reason": event.finish_reason, "logprobs": None}]}
 
     app.state.engine = engine

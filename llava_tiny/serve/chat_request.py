@@ -6,17 +6,24 @@ A user message's images go before its text, one `<image>` marker each (LLaVA's t
 the image first); `<image>` typed by a client is removed, since markers are ours to place. A
 system message replaces the template's own system sentence, or leads the first question when the
 template has none. Images come only as base64 data URLs: the server never fetches a URL.
+
+Requests are read as OpenAI's API document (openai/openai-openapi) writes them: JSON null for a field
+means its default, as if the field were absent (`ChatRequest._null_means_default`, the one place);
+a field this server cannot honour is refused with a 400 naming it unless its value asks for nothing
+(`UNSUPPORTED_FIELDS`); the document's other fields (`user`, `metadata`, `store`, `service_tier`,
+`prompt_cache_key`, `reasoning_effort`, ...) cannot change a local model's answer and are ignored.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import io
+import json
 import re
 from dataclasses import dataclass
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..conversation import IMAGE_TOKEN
 from ..images import load_image
@@ -25,6 +32,17 @@ from ..model.modeling import image_seq_length, unwrap_model
 from .engine import Sampling
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
+# Fields of OpenAI's request that this server cannot honour, each with the values that ask for nothing
+# (accepted); any other value is a 400 naming the field: silently dropping a tool list or a JSON mode
+# would answer a question the client did not ask.
+UNSUPPORTED_FIELDS = {
+    "n": (1,), "logprobs": (False,), "top_logprobs": (0,), "frequency_penalty": (0,), "presence_penalty": (0,),
+    "logit_bias": ({},), "tools": ([],), "tool_choice": ("none", "auto"), "functions": (),
+    "function_call": ("none", "auto"), "response_format": ({"type": "text"},), "modalities": (["text"],),
+    "audio": (), "web_search_options": (), "moderation": (),
+}
+# Below this a temperature is greedy, as in vLLM: dividing the logits by less overflows them to inf.
+GREEDY_BELOW = 1e-5
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)", re.S)
 
 
@@ -41,7 +59,8 @@ class ApiError(Exception):
 
 
 class ChatRequest(BaseModel):
-    """The fields of OpenAI's chat-completion request that change the answer; others are ignored."""
+    """The fields of OpenAI's chat-completion request that change the answer; the others are kept in
+    `model_extra` (refused by `refuse_unsupported` when they ask for what this server cannot do)."""
 
     model_config = ConfigDict(extra="allow")
     model: str
@@ -54,7 +73,28 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: dict | None = None
-    n: int = Field(default=1, ge=1, le=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        """OpenAI's document marks most fields nullable, meaning "the default"; clients generated from it
+        and several SDKs send nulls. A required field keeps its null, to be refused by name."""
+        if not isinstance(data, dict):
+            return data
+        return {name: value for name, value in data.items()
+                if value is not None or (name in cls.model_fields and cls.model_fields[name].is_required())}
+
+
+def refuse_unsupported(request: ChatRequest) -> None:
+    """A 400 naming the first field whose value asks for what this server cannot do."""
+    for name, neutral in UNSUPPORTED_FIELDS.items():
+        value = (request.model_extra or {}).get(name)
+        # `False == 0` in Python, yet `logprobs: 0` or `frequency_penalty: false` is not what the document allows
+        if value is not None and not any(value == ok and isinstance(value, bool) == isinstance(ok, bool)
+                                         for ok in neutral):
+            accepted = ", ".join(["null", *(json.dumps(ok) for ok in neutral)])
+            raise ApiError(400, f"{name} is not supported by this server (accepted: {accepted})",
+                           "unsupported_parameter", name)
 
 
 @dataclass(frozen=True)
@@ -197,6 +237,7 @@ def prompt_for(loaded, conversation: Conversation, conv_mode: str | None = None)
 
 def prepare(loaded, request: ChatRequest, limits: Limits, conv_mode: str | None = None) -> tuple[Prompt, Sampling]:
     """Check a request against the model and the limits; the prompt and how to decode it."""
+    refuse_unsupported(request)
     conversation = parse_messages(request.messages, limits)
     per_image = image_seq_length(loaded.model)
     context = context_length(loaded)
@@ -220,5 +261,8 @@ def prepare(loaded, request: ChatRequest, limits: Limits, conv_mode: str | None 
     stop = (request.stop,) if isinstance(request.stop, str) else tuple(request.stop or ())
     if len(stop) > 4 or not all(stop):
         raise ApiError(400, "stop takes up to 4 non-empty strings", "invalid_stop", "stop")
-    return prompt, Sampling(max_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p,
-                            stop=stop, seed=request.seed)
+    temperature = request.temperature if request.temperature >= GREEDY_BELOW else 0.0
+    # The document allows any int64 seed (and a little below); torch takes [-2**63, 2**64).
+    seed = None if request.seed is None else request.seed % 2**64
+    return prompt, Sampling(max_tokens=max_tokens, temperature=temperature, top_p=request.top_p, stop=stop,
+                            seed=seed)
