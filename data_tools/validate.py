@@ -6,7 +6,7 @@
 
 Errors (the sample cannot be trained on as it is; exit code 1 when there are any); the rules are
 `llava_tiny.checks`, the ones training applies:
-  missing_id, duplicate_id       every sample needs a unique `id`
+  missing_id                     every sample needs an `id`
   bad_conversations, bad_roles   `conversations` alternates human/gpt, starts with human, ends with gpt
   empty_turn, image_in_answer    no empty turn; `<image>` only in human turns
   bad_image_field                `image` is a path or a list of paths
@@ -15,13 +15,14 @@ Errors (the sample cannot be trained on as it is; exit code 1 when there are any
                                  two folders down is named: "found at images/x.png: did you forget
                                  --image-prefix images?")
   image_marker_mismatch          one `<image>` marker per image, no marker without an image
-  duplicate_sample               same image(s) and conversation as an earlier sample (--allow-duplicates)
   too_long                       with --model-max-length: not even the first answer fits (a preference
                                  pair: the pair does not fit whole)
   no_prompt, missing_chosen,     preference records (DPO: `prompt`/`messages` + `chosen` + `rejected`): a
   missing_rejected,              prompt and two different, non-empty answers without `<image>`
   identical_answers
-Warnings: truncated (trailing turns would be dropped to fit --model-max-length), absolute_image_path
+Warnings: duplicate_id and duplicate_sample (an id, or the image(s) and conversation, of an earlier record:
+training uses every record as often as it appears and warns the same; --allow-duplicates silences them),
+truncated (trailing turns would be dropped to fit --model-max-length), absolute_image_path
 (inside the image folder, so training accepts it, but the data breaks when the folder moves),
 transparent_image (transparent pixels, composited onto white; `--image_background mean` in training
 and generation uses the processor's mean colour). The image modes found are listed (RGB, RGBA, L, ...).
@@ -31,15 +32,14 @@ Token lengths use the project's `tokenize_conversation`, i.e. exactly what train
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from llava_tiny.checks import Problem, check_samples
+from llava_tiny.checks import Problem, check_samples, duplicate_problems
 
 from .io import (DataToolError, add_allow_outside_argument, add_report_argument, check_output_path, cli_errors,
-                 load_samples, sample_id, sample_images, write_report, write_samples)
+                 load_samples, sample_id, write_report, write_samples)
 from .token_lengths import length_summary, load_tokenizer, measure_token_lengths
 
 
@@ -83,7 +83,7 @@ def validate_samples(samples: list[dict], image_folder: str | None = None, *, al
                      num_image_tokens: int = 576, file: str | None = None) -> ValidationResult:
     """Check every sample with `llava_tiny.checks`; images are decoded (in parallel) when `image_folder` is given.
 
-    Adds the checks across samples (unique ids, no duplicate sample). With a `tokenizer` (already
+    Adds the checks across samples (ids; repeated records are warnings). With a `tokenizer` (already
     passed through `prepare_tokenizer`), token lengths are measured with `tokenize_conversation`
     and samples that `model_max_length` would truncate are reported.
     """
@@ -93,25 +93,12 @@ def validate_samples(samples: list[dict], image_folder: str | None = None, *, al
     result.errors, result.warnings = checked.errors, checked.warnings
     result.image_modes = dict(Counter(f.mode for f in checked.images.values() if f.mode).most_common())
     ids = [sample_id(s, i) for i, s in enumerate(samples)]
-    first_with_id: dict[str, int] = {}
-    first_with_content: dict[str, int] = {}
-
-    def error(index, kind, message):
-        result.errors.append(Problem(index, ids[index], kind, message, file))
-
     for index, sample in enumerate(samples):
         if sample.get("id") is None or sample.get("id") == "":
-            error(index, "missing_id", "has no 'id'; expected a unique id per sample")
-        elif first_with_id.setdefault(ids[index], index) != index:
-            error(index, "duplicate_id", f"id already used by record {first_with_id[ids[index]]}; expected unique ids")
-        if not allow_duplicates:
-            key = json.dumps([sample_images(sample), sample.get("conversations"),  # + a preference pair's fields
-                              *(sample.get(k) for k in ("prompt", "messages", "chosen", "rejected", "text", "system"))],
-                             sort_keys=True, ensure_ascii=False)
-            first = first_with_content.setdefault(key, index)
-            if first != index:
-                error(index, "duplicate_sample", f"same image(s) and conversation as sample {ids[first]!r} "
-                                                 f"(record {first}); expected each sample once")
+            result.errors.append(Problem(index, ids[index], "missing_id", "has no 'id'; expected a unique id per sample",
+                                         file))
+    if not allow_duplicates:
+        result.warnings += duplicate_problems(samples, file)
     if tokenizer is not None:
         bad = result.bad_indices
         valid = [i for i in range(len(samples)) if i not in bad]
@@ -132,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int,
                         help="threads decoding images (default 2 x CPUs, at most 32); "
                              "processes measuring token lengths (default: CPUs)")
-    parser.add_argument("--allow-duplicates", action="store_true", help="do not report exact duplicate samples")
+    parser.add_argument("--allow-duplicates", action="store_true",
+                        help="do not report repeated ids and samples (warnings: training uses them as they are)")
     parser.add_argument("--tokenizer", help="tokenizer folder: measure token lengths as training will")
     parser.add_argument("--version", default="llava_v1", help="conversation template (default llava_v1)")
     parser.add_argument("--model-max-length", type=int, help="report samples longer than this many tokens")

@@ -16,10 +16,14 @@ live with the code that tokenizes (`conversation.turn_problems`, `conversation.m
     fits model_max_length          check_length           too_long (warning: truncated, in data_tools.validate)
     preference pairs (DPO)         preference_problems    no_prompt, missing_chosen, missing_rejected, identical_answers,
                                                           image_in_answer, image_marker_mismatch (llava_tiny/preference.py)
+    a record repeated              duplicate_problems     warnings duplicate_id, duplicate_sample (training uses every
+                                                          record as often as it appears; both say so)
 """
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +36,9 @@ from .data import is_preference_record, read_messages, record_format, sample_id,
 from .images import ImagePathError, has_alpha, resolve_image_path
 from .preference import preference_problems, tokenize_preference
 
-WARNING_KINDS = ("absolute_image_path", "transparent_image", "truncated")
+WARNING_KINDS = ("absolute_image_path", "transparent_image", "truncated", "duplicate_id", "duplicate_sample")
+# What makes two records the same sample, besides their images and `conversations`.
+CONTENT_FIELDS = ("prompt", "messages", "chosen", "rejected", "text", "system")
 IMAGE_CHECKS = (None, "header", "full")
 MISSING_HINT_LIMIT = 20  # missing images that get a "found at ..." search: they usually share one cause
 
@@ -236,6 +242,28 @@ def check_samples(samples: list[dict], *, file: str | None = None, image_folder:
                     "they are composited onto white (--image_background mean: the processor's mean colour)", file))
     result.problems.sort(key=lambda p: p.index)
     return result
+
+
+def duplicate_problems(samples: list[dict], file: str | None = None) -> list[Problem]:
+    """Records that repeat an earlier record's id, or its images and conversation: warnings, in training as in
+    `data_tools.validate`. Repeating a record is how a mixture weights a source, so each is trained on as often
+    as it appears; a repeated id makes the reports that name samples by id (skipped, NaN steps) ambiguous."""
+    problems: list[Problem] = []
+    first_with_id: dict[str, int] = {}
+    first_with_content: dict[bytes, int] = {}  # a digest per record: flat memory up to LLaVA's 665k records
+    for index, sample in enumerate(samples):
+        sid = sample_id(sample, index)
+        if sample.get("id") not in (None, "") and first_with_id.setdefault(sid, index) != index:
+            problems.append(Problem(index, sid, "duplicate_id", f"id already used by record {first_with_id[sid]}; "
+                                                                 "expected unique ids (reports name samples by id)", file))
+        content = json.dumps([sample_images(sample), sample.get("conversations"), *map(sample.get, CONTENT_FIELDS)],
+                             sort_keys=True, ensure_ascii=False, default=str)
+        first = first_with_content.setdefault(hashlib.blake2b(content.encode(), digest_size=16).digest(), index)
+        if first != index:
+            problems.append(Problem(index, sid, "duplicate_sample", f"same image(s) and conversation as sample "
+                                    f"{sample_id(samples[first], first)!r} (record {first}); trained on as often as "
+                                    "it appears", file))
+    return problems
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,18 @@
 # pairs (README, "Preference tuning (DPO)"); check them first with python -m data_tools.validate.
 #   MODEL        the fine-tuned folder to start from (full or LoRA, from finetune_*.sh); MODEL= starts
 #                from LLM + VISION_TOWER (+ PROJECTOR, a stage-1 folder) instead
+#   VISION_TOWER="" a text-only run: MODEL a text-only folder (full or LoRA), or MODEL= with LLM alone
 #   DATA, EVAL_DATA, IMAGES, OUT, ZERO, NUM_GPUS, HOSTFILE, MASTER_PORT, REPORT_TO, VERSION: as finetune_lora.sh
 # Extra flags go to train_dpo.py, e.g. --dpo_beta 0.2 --dpo_loss ipo --dpo_sft_weight 1.0, or full
 # fine-tuning: --lora_enable False --freeze_mm_mlp_adapter False --learning_rate 5e-7.
 set -euo pipefail
 MODEL=${MODEL-checkpoints/llava-tinyllama-lora}
 LLM=${LLM:-TinyLlama/TinyLlama-1.1B-Chat-v1.0}
-VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
-PROJECTOR=${PROJECTOR-checkpoints/llava-tinyllama-pretrain}
+VISION_TOWER=${VISION_TOWER-openai/clip-vit-large-patch14-336}  # "": a text-only run (no projector, no images)
+PROJECTOR=${PROJECTOR-${VISION_TOWER:+checkpoints/llava-tinyllama-pretrain}}
 DATA=${DATA:-data/sets/pairs_train.json}
 EVAL_DATA=${EVAL_DATA:-}
-IMAGES=${IMAGES:-data/imagenes}
+IMAGES=${IMAGES-${VISION_TOWER:+data/imagenes}}
 OUT=${OUT:-checkpoints/llava-tinyllama-dpo}
 ZERO=${ZERO:-zero3}
 if [ -n "$MODEL" ]; then

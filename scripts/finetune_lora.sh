@@ -3,11 +3,11 @@
 # (The seed users' command: LLaVA-1.5's finetune_lora.sh with a TinyLlama + CLIP-L/336 base.)
 set -euo pipefail
 LLM=${LLM:-TinyLlama/TinyLlama-1.1B-Chat-v1.0}
-VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
-PROJECTOR=${PROJECTOR-checkpoints/llava-tinyllama-pretrain}
+VISION_TOWER=${VISION_TOWER-openai/clip-vit-large-patch14-336}  # "": a text-only run (no projector, no images)
+PROJECTOR=${PROJECTOR-${VISION_TOWER:+checkpoints/llava-tinyllama-pretrain}}
 DATA=${DATA:-data/sets/data_train.json}
 EVAL_DATA=${EVAL_DATA:-}
-IMAGES=${IMAGES:-data/imagenes}
+IMAGES=${IMAGES-${VISION_TOWER:+data/imagenes}}
 OUT=${OUT:-checkpoints/llava-tinyllama-lora}
 ZERO=${ZERO:-zero3}
 source "$(dirname "$0")/lib/launch.sh"

@@ -2,10 +2,10 @@
 # Stage 2, QLoRA: the LLM in 4-bit NF4 (double quantization), LoRA adapters in bf16; fits small cards.
 set -euo pipefail
 LLM=${LLM:-TinyLlama/TinyLlama-1.1B-Chat-v1.0}
-VISION_TOWER=${VISION_TOWER:-openai/clip-vit-large-patch14-336}
-PROJECTOR=${PROJECTOR-checkpoints/llava-tinyllama-pretrain}
+VISION_TOWER=${VISION_TOWER-openai/clip-vit-large-patch14-336}  # "": a text-only run (no projector, no images)
+PROJECTOR=${PROJECTOR-${VISION_TOWER:+checkpoints/llava-tinyllama-pretrain}}
 DATA=${DATA:-data/sets/data_train.json}
-IMAGES=${IMAGES:-data/imagenes}
+IMAGES=${IMAGES-${VISION_TOWER:+data/imagenes}}
 OUT=${OUT:-checkpoints/llava-tinyllama-qlora}
 ZERO=${ZERO:-zero2}
 source "$(dirname "$0")/lib/launch.sh"

@@ -73,8 +73,8 @@ def write_color_dataset(root, n=16, size=40, text_only=0, seed=0):
 
 
 def required_flags(tmp_path) -> list[str]:
-    """The flags every training run needs, pointing at an (empty) data file and a folder that reads as a
-    language model (its files, not its weights): for parse_args tests."""
+    """The flags every training run needs, pointing at an (empty) data file and folders that read as a
+    language model and a CLIP tower (their files, not their weights): for parse_args tests."""
     import json
 
     from safetensors.torch import save_file
@@ -86,7 +86,11 @@ def required_flags(tmp_path) -> list[str]:
     with open(os.path.join(llm, "config.json"), "w") as f:
         json.dump({"model_type": "llama"}, f)
     save_file({}, os.path.join(llm, "model.safetensors"))
-    return ["--model_name_or_path", llm, "--vision_tower", "t", "--data_path", data,
+    tower = os.path.join(str(tmp_path), "flags-tower")
+    os.makedirs(tower, exist_ok=True)
+    with open(os.path.join(tower, "config.json"), "w") as f:
+        json.dump({"model_type": "clip_vision_model"}, f)
+    return ["--model_name_or_path", llm, "--vision_tower", tower, "--data_path", data,
             "--output_dir", os.path.join(str(tmp_path), "out")]
 
 

@@ -35,7 +35,6 @@ def _good(sid, image="0.png"):
 
 BAD_SAMPLES = {
     "missing_id": {"image": "1.png", "conversations": conversation("Q?", "A.")},
-    "duplicate_id": {"id": "good", "image": "1.png", "conversations": conversation("Other?", "Other.")},
     "bad_conversations": {"id": "s", "image": "1.png", "conversations": []},
     "bad_roles": {"id": "s", "image": "1.png", "conversations": [{"from": "human", "value": "<image>\nQ?"},
                                                                    {"from": "human", "value": "A."}]},
@@ -47,7 +46,6 @@ BAD_SAMPLES = {
     "image_outside_folder": {"id": "s", "image": "../outside.png", "conversations": conversation("Q?", "A.")},
     "missing_image": {"id": "s", "image": "nope.png", "conversations": conversation("Q?", "A.")},
     "image_marker_mismatch": {"id": "s", "image": "1.png", "conversations": conversation("Q?", "A.", image=False)},
-    "duplicate_sample": {"id": "s", "image": "0.png", "conversations": conversation("What is this?", "A pattern.")},
 }
 
 
@@ -58,6 +56,30 @@ def test_each_error_kind_names_the_sample(image_folder, kind):
     expected_id = "#1" if kind == "missing_id" else samples[1]["id"]
     assert [(e.sample_id, e.kind) for e in result.errors if e.kind == kind] == [(expected_id, kind)]
     assert result.bad_indices == {1}  # the good sample is never blamed
+
+
+def test_repeated_records_are_warnings_here_and_in_training(tmp_path, tiny_parts, caplog):
+    """One rule in both: a repeated id or a repeated sample is a warning of validate (exit 0) and of training's
+    dataset, which keeps every record (peer: LazySupervisedDataset, what training reads)."""
+    from transformers import AutoTokenizer
+
+    from llava_tiny.train.dataset import LazySupervisedDataset
+
+    def text(sid, question):
+        return {"id": sid, "conversations": conversation(question, "A.", image=False)}
+
+    samples = [text("a", "First?"), text("a", "Second?"), text("b", "First?")]
+    data = _write(tmp_path / "data.json", samples)
+    result = validate_samples(samples)
+    assert result.errors == []
+    assert [(w.sample_id, w.kind) for w in result.warnings] == [("a", "duplicate_id"), ("b", "duplicate_sample")]
+    assert main(["--data", data]) == 0
+    assert validate_samples(samples, allow_duplicates=True).warnings == []
+    with caplog.at_level("WARNING", logger="llava_tiny.train.dataset"):
+        dataset = LazySupervisedDataset(data, AutoTokenizer.from_pretrained(tiny_parts["llm"]), None, "llava_v1", 0)
+    warned = [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()]
+    assert len(warned) == 1 and "1 duplicate_id, 1 duplicate_sample" in warned[0], warned
+    assert len(dataset) == 3
 
 
 def test_markers_without_image_and_absolute_paths(image_folder):

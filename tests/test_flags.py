@@ -47,6 +47,33 @@ def test_flags_with_no_effect_are_named_at_start(tmp_path, caplog):
     assert not [r for r in caplog.records if "no effect here" in r.getMessage()]
 
 
+def test_a_vision_tower_that_cannot_be_found_is_a_flag_error_that_names_it(tmp_path, tiny_parts):
+    """Offline, a tower id missing from the hub cache stops the run at the flags (peer: transformers' own
+    OSError from AutoConfig, which used to surface from inside model/vision.py), and so does a non-vision model."""
+    flags = required_flags(tmp_path)
+    flags[flags.index("--model_name_or_path") + 1] = tiny_parts["llm"]
+    for tower in ("nobody/no-such-tower", tiny_parts["llm"]):
+        flags[flags.index("--vision_tower") + 1] = tower
+        with pytest.raises(FlagError, match=f"--vision_tower {tower}: cannot be used .*text-only run"):
+            parse_args(flags)
+
+
+def test_vision_flags_in_a_text_only_run_are_named_like_other_flags_without_effect(tmp_path, tiny_parts, caplog):
+    """--mm_projector_lr and the other tower/projector flags do nothing without a tower: named at start, with
+    the same wording as LLaVA's no-effect flags; an empty --vision_tower (VISION_TOWER="" in the scripts) is none."""
+    flags = required_flags(tmp_path)
+    flags[flags.index("--model_name_or_path") + 1] = tiny_parts["llm"]
+    flags[flags.index("--vision_tower") + 1] = ""
+    with caplog.at_level("WARNING", logger="llava_tiny.train.arguments"):
+        args = parse_args(flags + ["--mm_projector_lr", "2e-5", "--image_folder", "", "--lazy_preprocess", "True"])
+    assert args.model.vision_tower is None and args.data.image_folder is None
+    lines = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert lines == ["accepted for compatibility, no effect here: --lazy_preprocess",
+                     "no effect in a text-only run (no vision tower, no projector): --mm_projector_lr, --image_folder"]
+    with pytest.raises(FlagError, match="--pretrain_mm_mlp_adapter .*: a text-only run"):
+        parse_args(flags + ["--pretrain_mm_mlp_adapter", str(tmp_path)])
+
+
 def _into_hub_cache(folder: str, cache_dir, repo_id: str) -> None:
     """Lay `folder` out as huggingface_hub caches a download of `repo_id` (what offline mode reads)."""
     revision = "0" * 40

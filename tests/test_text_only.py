@@ -2,16 +2,22 @@
 have" models (a Llama-3-style base, Phi-3- and GPT-2-shaped models) are written with stock transformers."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, Phi3Config,
                           Phi3ForCausalLM)
 
+from dpo_data import write_preference_dataset
 from llava_tiny.model.builder import assemble_model, load_pretrained_model
 from llava_tiny.model.lora import apply_lora, lora_target_names
 from llava_tiny.train import train as train_module
+from llava_tiny.train.arguments import parse_args
+from llava_tiny.train.train_dpo import DPOTrainingArguments, train_dpo
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_3_TOKENS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
@@ -66,6 +72,109 @@ def test_text_only_qlora_with_llama_3_trains_evaluates_and_loads_in_stock_peft(t
     ids = torch.tensor([[1, 5, 9, 42, 7]])
     with torch.no_grad():
         torch.testing.assert_close(stock(input_ids=ids).logits, ours.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def text_lora(tmp_path_factory, llama3_style_base):
+    """A text-only LoRA folder of ours, trained with --model_max_length well below the model's 2048 positions."""
+    root = tmp_path_factory.mktemp("text-lora")
+    out = root / "sft"
+    train_module.train(argv=_argv(llama3_style_base, root, out, "--version", "llama_3", "--lora_enable", "True",
+                                  "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2", "--max_steps", "2",
+                                  "--model_max_length", "128"))
+    return str(out)
+
+
+PROBE = [[1, 5, 9, 42, 7]]
+STOCK_ONE_LINER = ("import json, sys, torch; from transformers import AutoModelForCausalLM; "
+                   "model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval(); "
+                   f"print(json.dumps(model(input_ids=torch.tensor({PROBE})).logits[0, -1].tolist()))")
+
+
+def test_a_text_lora_folder_loads_with_the_stock_one_liner(text_lora, llama3_style_base):
+    """Peer: `AutoModelForCausalLM.from_pretrained(folder)` (transformers' PEFT integration) in a subprocess that
+    imports nothing of ours gives our loader's logits, with the adapter applied."""
+    stock = subprocess.run([sys.executable, "-c", STOCK_ONE_LINER, text_lora], capture_output=True, text=True,
+                           timeout=300, cwd=os.path.dirname(text_lora), env=dict(os.environ, PYTHONPATH=""))
+    assert stock.returncode == 0, stock.stderr[-3000:]
+    stock_logits = torch.tensor(json.loads(stock.stdout.strip().splitlines()[-1]))
+    ids = torch.tensor(PROBE)
+    with torch.no_grad():
+        ours = load_pretrained_model(text_lora, device="cpu").model(input_ids=ids).logits[0, -1]
+        base = AutoModelForCausalLM.from_pretrained(llama3_style_base)(input_ids=ids).logits[0, -1]
+    torch.testing.assert_close(stock_logits, ours, atol=1e-4, rtol=1e-4)
+    assert (stock_logits - base).abs().max() > 1e-3  # the adapter is there, not the base alone
+
+
+def test_the_saved_tokenizer_keeps_the_models_context_length(text_lora):
+    """--model_max_length truncates training samples; it is not written as the model's limit, which the server
+    serves (peer: stock AutoTokenizer reading the folder)."""
+    from llava_tiny.serve.chat_request import context_length
+
+    assert AutoTokenizer.from_pretrained(text_lora).model_max_length == 2048  # the base's, not training's 128
+    assert context_length(load_pretrained_model(text_lora, device="cpu")) == 2048
+
+
+def test_dpo_starts_from_a_text_lora_folder_with_no_projector_flags(tmp_path, text_lora, llama3_style_base, caplog):
+    """The README's recipe, SFT then DPO, on a text-only LoRA folder: no --freeze_mm_mlp_adapter asked for,
+    --mm_projector_lr named as without effect; the result is SFT merged + the DPO adapter (peer: stock peft)."""
+    from peft import PeftModel
+
+    pairs = write_preference_dataset(tmp_path, n=0, text_only=8)
+    out = tmp_path / "dpo"
+    with caplog.at_level("WARNING"):
+        train_dpo(argv=["--model_name_or_path", text_lora, "--data_path", pairs, "--output_dir", str(out),
+                        "--lora_enable", "True", "--lora_r", "4", "--lora_alpha", "8", "--mm_projector_lr", "1e-3",
+                        "--learning_rate", "1e-2", "--max_steps", "2", "--per_device_train_batch_size", "4",
+                        "--save_strategy", "no", "--report_to", "none", "--seed", "0"])
+    assert any("text-only run" in r.getMessage() and "--mm_projector_lr" in r.getMessage() for r in caplog.records)
+    assert not (out / "config.json").exists()  # a stock PEFT folder
+    assert json.load(open(out / "adapter_config.json"))["base_model_name_or_path"] == text_lora
+    sft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama3_style_base), text_lora)
+    stock = PeftModel.from_pretrained(sft.merge_and_unload(), str(out)).eval()
+    ours = load_pretrained_model(str(out), device="cpu")
+    assert ours.template == "llama_3"
+    ids = torch.tensor(PROBE)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, ours.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def _launched_flags(tmp_path, script: str, **env) -> list[str]:
+    """The training flags `scripts/<script>` hands its launcher: a stub `deepspeed` first on PATH records them
+    (without --deepspeed: they are parsed here, in one process), and a stub `python` answers launch.sh's GPU check
+    (no GPU) without importing torch."""
+    stub = tmp_path / "bin" / "deepspeed"
+    stub.parent.mkdir(exist_ok=True)
+    stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$LAUNCHED"\n')
+    (tmp_path / "bin" / "python").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("deepspeed", "python"):
+        (tmp_path / "bin" / tool).chmod(0o755)
+    launched = tmp_path / f"{script}.argv"
+    done = subprocess.run(["bash", os.path.join(REPO, "scripts", script)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, **env, LAUNCHED=str(launched), MASTER_PORT="29999",
+                                   PATH=f"{stub.parent}{os.pathsep}{os.environ['PATH']}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    argv = launched.read_text().splitlines()
+    flags = argv[next(i for i, a in enumerate(argv) if a.endswith(".py")) + 1:]
+    at = flags.index("--deepspeed")
+    return flags[:at] + flags[at + 2:]
+
+
+def test_the_scripts_run_text_only_with_an_empty_vision_tower(tmp_path, tiny_parts, text_lora, caplog):
+    """VISION_TOWER="" in finetune_*.sh and dpo.sh: no tower, projector or image folder reaches the flags (peer:
+    bash running the scripts themselves), and the projector's flags are named as without effect."""
+    data = _messages_jsonl(tmp_path / "train.jsonl", 4)
+    for script in ("finetune_full.sh", "finetune_lora.sh", "finetune_qlora.sh"):
+        flags = _launched_flags(tmp_path, script, VISION_TOWER="", LLM=tiny_parts["llm"], DATA=data,
+                                OUT=str(tmp_path / script))
+        with caplog.at_level("WARNING", logger="llava_tiny.train.arguments"):
+            args = parse_args(flags)
+        assert (args.model.vision_tower, args.model.pretrain_mm_mlp_adapter, args.data.image_folder) == (None,) * 3
+        assert "--mm_projector_type" in caplog.text and "no effect in a text-only run" in caplog.text
+    pairs = write_preference_dataset(tmp_path, n=0, text_only=4)
+    args = parse_args(_launched_flags(tmp_path, "dpo.sh", VISION_TOWER="", MODEL=text_lora, DATA=pairs,
+                                      OUT=str(tmp_path / "dpo")), DPOTrainingArguments)
+    assert args.model.model_name_or_path == text_lora and args.data.image_folder is None
 
 
 def test_text_only_full_finetuning_learns_and_refuses_image_records(tmp_path, tiny_parts, color_data):

@@ -220,3 +220,20 @@ def test_text_only_batches_train_alongside_images(tmp_path, tiny_parts, color_da
     history = run(tiny_parts, color_data, tmp_path / "out", "--max_steps", "6", "--learning_rate", "1e-3",
                   "--group_by_modality_length", "True", "--per_device_train_batch_size", "2")
     assert len(losses(history)) == 6 and all(l == l for l in losses(history))
+
+
+def test_parameter_counts_hold_when_zero3_partitions_the_frozen_weights(tiny_parts):
+    """What a ZeRO-3 rank holds after `zero.Init` (peer: DeepSpeed's partitioned parameter, an empty tensor with its
+    full size in `ds_numel`): the recipe's "N of M parameters trainable" is the unpartitioned model's, not 100%."""
+    from transformers import AutoModelForCausalLM
+
+    from llava_tiny.model.lora import apply_lora
+    from llava_tiny.train.recipes import parameter_counts
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_parts["llm"]), r=4, alpha=8)
+    whole = parameter_counts(model)
+    for param in model.parameters():
+        if not param.requires_grad:  # the adapters are added after partitioning: whole on every rank
+            param.ds_numel = param.numel()
+            param.data = torch.empty(0, dtype=param.dtype)
+    assert parameter_counts(model) == whole and 0 < whole[0] < whole[1]

@@ -3,7 +3,7 @@
 `parse_args` parses and checks every flag before any model loads, and reports every problem at
 once, each naming its flag. It also turns the GPU-only flags users copy from GPU scripts (`--bf16`,
 `--tf32`) into what works on the machine at hand, with one log line each, instead of a crash, and
-names the LLaVA flags it accepts but does not use.
+names the flags it accepts but does not use (LLaVA's own, and the tower/projector flags of a text-only run).
 """
 from __future__ import annotations
 
@@ -191,6 +191,10 @@ def _init_cpu_distributed(argv: list[str]) -> None:
 
 # LLaVA flags accepted so that users' scripts run, with no effect here (named once at start).
 NO_EFFECT_FLAGS = ("--lazy_preprocess", "--is_multimodal", "--lora_weight_path", "--mpt_attn_impl")
+# Flags for the tower, the projector and images: named the same way in a text-only run, which has none of them.
+VISION_ONLY_FLAGS = ("--mm_projector_lr", "--mm_vision_tower_lr", "--mm_projector_type", "--mm_vision_select_layer",
+                     "--mm_vision_select_feature", "--freeze_mm_mlp_adapter", "--unfreeze_mm_vision_tower",
+                     "--image_aspect_ratio", "--image_background", "--image_folder")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -256,6 +260,19 @@ def flag_problems(model_args, data_args, training_args) -> list[str]:
     return problems + starting_point_problems(model_args, training_args)
 
 
+def _name_flags_without_effect(argv: list[str], model_args, training_args) -> None:
+    """One warning line for each reason a flag given has no effect (LLaVA compatibility, a text-only run)."""
+    from .starting_point import is_text_only
+
+    given = {a.split("=")[0] for a in argv}
+    unused = [flag for flag in NO_EFFECT_FLAGS if flag in given]
+    if unused:
+        logger.warning("accepted for compatibility, no effect here: %s", ", ".join(unused))
+    vision = [flag for flag in VISION_ONLY_FLAGS if flag in given]
+    if vision and is_text_only(model_args, training_args):
+        logger.warning("no effect in a text-only run (no vision tower, no projector): %s", ", ".join(vision))
+
+
 def parse_args(argv: list[str] | None = None, training_class: type | None = None) -> RunArguments:
     """Parse LLaVA-style flags into (model, data, training) arguments; `FlagError` lists every problem.
 
@@ -266,13 +283,14 @@ def parse_args(argv: list[str] | None = None, training_class: type | None = None
     _init_cpu_distributed(argv)
     parser = transformers.HfArgumentParser((ModelArguments, DataArguments, training_class or TrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # An empty value is a flag not given: the scripts pass "$VISION_TOWER", and VISION_TOWER="" is a text-only run.
+    model_args.vision_tower = model_args.vision_tower or None
+    data_args.image_folder = data_args.image_folder or None
     problems = flag_problems(model_args, data_args, training_args)
     problems += training_args.own_flag_problems(model_args, data_args)
     if problems:
         raise FlagError("invalid flags:\n" + "\n".join(f"  {p}" for p in problems))
-    unused = [flag for flag in NO_EFFECT_FLAGS if any(a.split("=")[0] == flag for a in argv)]
-    if unused:
-        logger.warning("accepted for compatibility, no effect here: %s", ", ".join(unused))
+    _name_flags_without_effect(argv, model_args, training_args)
     if not _on_gpu():
         training_args.dataloader_pin_memory = False
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import Counter
 
 import torch
 from torch.utils.data import Dataset
 
-from ..checks import check_length, check_samples
+from ..checks import check_length, check_samples, duplicate_problems
 from ..conversation import IGNORE_INDEX, tokenize_sample
 from ..data import load_samples, record_format, sample_id, sample_images  # noqa: F401 (re-exported)
 from ..images import load_image, preprocess_images, resolve_image_path
@@ -61,6 +62,7 @@ class LazySupervisedDataset(Dataset):
         checked = check_samples(samples, file=data_path, image_folder=image_folder,
                                 allow_outside=allow_images_outside_folder, images="header")
         problems = checked.first_error_by_sample()
+        _warn_repeated_records(duplicate_problems(samples, data_path), data_path)
         if image_processor is None:  # a text-only run
             problems.update({sample_id(s, i): "has an image, but this run has no vision tower (text-only); pass "
                              "--vision_tower to train on images" for i, s in enumerate(samples)
@@ -168,6 +170,15 @@ class LazySupervisedDataset(Dataset):
             except Exception as err:
                 raise ImageDecodeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
         return preprocess_images(images, self.image_processor, self.image_aspect_ratio, self.image_background)
+
+
+def _warn_repeated_records(repeated, data_path: str) -> None:
+    """Repeated records are trained on as they are (`checks.duplicate_problems`), and said once."""
+    if repeated:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(p.kind for p in repeated).items()))
+        logger.warning("%s: %s (each record is trained on as often as it appears; python -m data_tools.validate "
+                       "lists them), e.g. %s", data_path, kinds,
+                       "; ".join(f"sample {p.sample_id!r}: {p.message}" for p in repeated[:3]))
 
 
 class CollatorWithSkippedSamples:

@@ -56,6 +56,13 @@ def _parts(model) -> dict[str, list[torch.nn.Module]]:
             "vision_tower": [llava.model.vision_tower], "projector": [llava.model.multi_modal_projector]}
 
 
+def parameter_counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; under ZeRO-3 a partitioned parameter is empty on this rank and its full
+    size is DeepSpeed's `ds_numel`."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, trainable in sizes if trainable), sum(n for n, _ in sizes)
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes of the tensors (each storage counted once: tied weights are saved once)."""
     seen, total = set(), 0
@@ -95,8 +102,7 @@ class Recipe:
                 module.requires_grad_(tuning[part] == FULL)
         if LORA in tuning.values():
             model = self._add_adapters(model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        trainable, total = parameter_counts(model)
         logger.info("recipe %s (%s): %d of %d parameters trainable (%.2f%%)", self.name,
                     ", ".join(f"{part} {how}" for part, how in tuning.items()), trainable, total,
                     100 * trainable / max(total, 1))

@@ -23,6 +23,7 @@ from llava_tiny.train.arguments import RunArguments, TrainingArguments  # noqa: 
 from llava_tiny.train.dpo import LOSS_TYPES  # noqa: E402
 from llava_tiny.train.dpo_trainer import DPOTrainer  # noqa: E402
 from llava_tiny.train.preference_dataset import PreferenceCollator, PreferenceDataset  # noqa: E402
+from llava_tiny.train.starting_point import is_text_only  # noqa: E402
 from llava_tiny.train.train import load_model_for_training, make_datasets, train  # noqa: E402
 
 
@@ -47,8 +48,8 @@ class DPOTrainingArguments(TrainingArguments):
         for flag, on in (("--packing", self.packing), ("--chunked_ce", self.chunked_ce)):
             if on:
                 problems.append(f"{flag} is not used by DPO (it needs each answer's log-probability per row); drop it")
-        if self.lora_enable and not self.precompute_ref_log_probs and \
-                (not self.freeze_mm_mlp_adapter or model_args.unfreeze_mm_vision_tower):
+        if self.lora_enable and not self.precompute_ref_log_probs and not is_text_only(model_args, self) and \
+                (not self.freeze_mm_mlp_adapter or model_args.unfreeze_mm_vision_tower):  # text-only: adapters alone
             problems.append("--lora_enable: the reference model is this model with its adapters disabled, so nothing "
                             "but the adapters may train: add --freeze_mm_mlp_adapter True (and drop "
                             "--unfreeze_mm_vision_tower), or pass --precompute_ref_log_probs True")
