@@ -10,6 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlavaForConditionalGeneration
 
+from llava_tiny.images import image_settings, preprocess_images
 from llava_tiny.inference import build_prompt, probe_inputs
 from llava_tiny.model import unwrap_model
 from llava_tiny.model.builder import assemble_model, load_pretrained_model
@@ -57,7 +58,8 @@ def _stock_generate(path, max_new_tokens=8):
 def _project_generate(loaded, input_ids, max_new_tokens=8):
     prompt = build_prompt(loaded, f"<image>\n{QUESTION}", [IMAGE])
     assert [prompt.input_ids] == input_ids.tolist()  # the stock processor built the training prompt
-    pixels = loaded.image_processor(images=[IMAGE], return_tensors="pt")["pixel_values"]
+    # As the project prepares an image (the model's recorded aspect mode; IMAGE is not square).
+    pixels = preprocess_images([IMAGE], loaded.image_processor, *image_settings(unwrap_model(loaded.model).config))
     with torch.no_grad():
         out = loaded.model.generate(input_ids=input_ids, pixel_values=pixels, max_new_tokens=max_new_tokens,
                                     do_sample=False)
