@@ -211,3 +211,13 @@ def test_labels_mask_image_and_prompt(tiny_parts):
     positions = [i for i, t in enumerate(sample.input_ids) if t == image_id]
     assert len(positions) == 16 and positions == list(range(positions[0], positions[0] + 16))
     assert all(sample.labels[i] == IGNORE_INDEX for i in positions)
+
+
+def test_parameter_count_reads_zero3_partitioned_sizes():
+    """Under ZeRO-3 a rank holds an empty tensor per partitioned parameter, its full size in `ds_numel`
+    (DeepSpeed's attribute): the assembly log must not count 0 for it."""
+    layer = torch.nn.Linear(4, 3)
+    full = count_parameters(layer)
+    layer.weight.data = torch.empty(0)
+    layer.weight.ds_numel = 12  # as DeepSpeed's partitioning leaves it on a rank
+    assert count_parameters(layer) == full == 15

@@ -44,8 +44,9 @@ def resolve_dtype(device: str | torch.device | None = None, requested: torch.dty
 
 
 def count_parameters(module: torch.nn.Module) -> int:
-    """Parameters counted once each (tied weights are one parameter)."""
-    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+    """Parameters counted once each (tied weights are one parameter); under ZeRO-3 a partitioned parameter is
+    empty on this rank and its full size is DeepSpeed's `ds_numel`."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in module.parameters()}.values())
 
 
 @contextlib.contextmanager
