@@ -51,7 +51,7 @@ def test_one_batch_with_different_lengths_equals_each_request_alone(loaded, engi
         assert done.wait(timeout=60)
     blocker.cancel()
     assert [r.text for r in results] == alone
-    assert max(engine.batch_sizes) >= len(prompts)  # they ran together
+    assert engine.largest_batch >= len(prompts)  # they ran together
     for result, n in zip(results, lengths):
         assert result.completion_tokens <= n and (result.finish_reason == "length") == (result.completion_tokens == n)
 
@@ -107,9 +107,10 @@ def test_a_burst_of_requests_shares_one_batch_and_a_steady_stream_is_not_held_fo
             assert all(event.wait(timeout=60) for event in done)
 
         send(4, 0.15)  # 0.45 s from first to last: over one window, each arrival within the window of the last
-        assert engine.batch_sizes == [4]
+        assert list(engine.recent_batch_sizes) == [4] and engine.batches_run == 1
+        assert engine.recent_batch_sizes.maxlen == 1024  # bounded over a server's life (a list grew without end)
         send(12, 0.25)  # 2.75 s of arrivals: held at most 1.5 s, then the rest
-        assert len(engine.batch_sizes) >= 3 and sum(engine.batch_sizes[1:]) == 12
+        assert engine.batches_run >= 3 and sum(list(engine.recent_batch_sizes)[1:]) == 12
     finally:
         engine.close()
 

@@ -120,8 +120,7 @@ def create_app(engine: Engine, model_id: str, limits: Limits = Limits(), api_key
 
     @app.get("/health")
     async def health():
-        sizes = engine.batch_sizes
-        return {"status": "ok", "model": model_id, "batches": len(sizes), "largest_batch": max(sizes, default=0)}
+        return {"status": "ok", "model": model_id, "batches": engine.batches_run, "largest_batch": engine.largest_batch}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():

@@ -174,7 +174,9 @@ class Engine:
         self.image_background = image_background
         self.stop_ids = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
         self.byte_ids = {i for token, i in loaded.tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
-        self.batch_sizes: list[int] = []  # every batch run, for tests and the benchmark
+        # The latest batches' sizes (bounded: a list of every batch grew for the server's whole life), and totals.
+        self.recent_batch_sizes: deque[int] = deque(maxlen=1024)
+        self.batches_run, self.largest_batch = 0, 0
         self._waiting: deque[Request] = deque()
         self._cv = threading.Condition()
         self._closed = False
@@ -260,7 +262,8 @@ class Engine:
                                       temperature=first.temperature, top_p=first.top_p,
                                       image_aspect_ratio=self.image_aspect_ratio,
                                       image_background=self.image_background)
-        self.batch_sizes.append(len(batch))
+        self.recent_batch_sizes.append(len(batch))
+        self.batches_run, self.largest_batch = self.batches_run + 1, max(self.largest_batch, len(batch))
         try:
             if first.temperature > 0 and first.seed is not None:
                 torch.manual_seed(first.seed)
