@@ -35,6 +35,7 @@ from .conversation import (IMAGE_TOKEN, ConversationError, SampleTooLongError, m
 from .data import is_preference_record, read_messages, record_format, sample_id, sample_images
 from .images import ImagePathError, has_alpha, resolve_image_path
 from .preference import preference_problems, tokenize_preference
+from .token_bounds import first_turn_upper_bound
 
 WARNING_KINDS = ("absolute_image_path", "transparent_image", "truncated", "duplicate_id", "duplicate_sample")
 # What makes two records the same sample, besides their images and `conversations`.
@@ -270,15 +271,23 @@ def duplicate_problems(samples: list[dict], file: str | None = None) -> list[Pro
 class LengthCheck:
     """Token length of a sample as training sees it, and what `model_max_length` does to it."""
 
-    length: int | None  # tokens before truncation; None when the conversation cannot be tokenized
+    length: int | None  # tokens before truncation; None when not tokenized (refused, or `measure` False and fits)
     dropped_turns: int = 0  # trailing turns truncation drops
     problem: tuple[str, str] | None = None  # ("bad_conversations" | "too_long", message)
 
 
 def check_length(sample: dict, sid: str, tokenizer, template: str, num_image_tokens: int,
-                 model_max_length: int | None = None) -> LengthCheck:
+                 model_max_length: int | None = None, measure: bool = True) -> LengthCheck:
     """Tokenize as training does: a sample whose first answer cannot fit (a preference pair: that does not fit
-    whole) is `too_long`."""
+    whole) is `too_long`. With `measure` False (the check before training) a sample whose first turn surely
+    fits `model_max_length` (`token_bounds`) is not tokenized: its length stays None."""
+    if not measure and model_max_length is not None and not is_preference_record(sample):
+        try:
+            bound = first_turn_upper_bound(sample, tokenizer, template, num_image_tokens, sid)
+        except ConversationError as err:
+            return LengthCheck(None, problem=("bad_conversations", without_sample_name(str(err), sid)))
+        if bound is not None and bound <= model_max_length:
+            return LengthCheck(None)
     if is_preference_record(sample):
         try:
             pair = tokenize_preference(sample, tokenizer, template, num_image_tokens, sample_id=sid)

@@ -144,6 +144,20 @@ def conversation_turns(conversations: list[dict], sample_id=None) -> list[tuple[
             for i in range(0, len(conversations), 2)]
 
 
+def checked_turns(conversations: list[dict], template: ChatTemplate | AutoTemplate, num_images: int | None,
+                  sample_id=None) -> list[tuple[str, str]]:
+    """The (question, answer) turns, checked against the template and the sample's `num_images`."""
+    turns = conversation_turns(conversations, sample_id)
+    if template.image_only_prompt and len(turns) != 1:
+        raise ConversationError(f"sample {sample_id!r}: template {template.name!r} takes one (image, caption) turn; "
+                                f"found {len(turns)} turns")
+    markers = sum(user.count(IMAGE_TOKEN) for user, _ in turns)
+    mismatch = marker_problem(markers, num_images) if num_images is not None else None
+    if mismatch:
+        raise ConversationError(f"sample {sample_id!r}: {mismatch}")
+    return turns
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False).input_ids
 
@@ -229,14 +243,8 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
     raises `ConversationError` naming the sample.
     """
     template = _template(template)
-    turns = conversation_turns(conversations, sample_id)
-    if template.image_only_prompt and len(turns) != 1:
-        raise ConversationError(f"sample {sample_id!r}: template {template.name!r} takes one (image, caption) turn; "
-                                f"found {len(turns)} turns")
+    turns = checked_turns(conversations, template, num_images, sample_id)
     markers = sum(user.count(IMAGE_TOKEN) for user, _ in turns)
-    mismatch = marker_problem(markers, num_images) if num_images is not None else None
-    if mismatch:
-        raise ConversationError(f"sample {sample_id!r}: {mismatch}")
     try:
         input_ids, labels, turn_ends = _encode_turns(turns, tokenizer, template, num_image_tokens, system)
     except TemplateError as err:  # a template problem, not the sample's: it stops the run (never skipped)

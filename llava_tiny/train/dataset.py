@@ -112,7 +112,7 @@ class LazySupervisedDataset(Dataset):
             sid = sample_id(sample, i)
             if sid not in known:
                 checked = check_length(sample, sid, self.tokenizer, self.template, self.num_image_tokens,
-                                       self.model_max_length)
+                                       self.model_max_length, measure=False)
                 if checked.problem:
                     unfit[sid] = checked.problem[1]
         return unfit
