@@ -20,7 +20,9 @@ Every record gets `references` (the answer, or all captions of the image) and `a
 column, else `closed` for yes/no answers, else the closed-set rule: a question asked at least 4
 times whose distinct answers number at most 20 and at most half the times it is asked (a class
 question) is `closed`, any other `open`. `imagefolder` questions are closed, captions open.
-`question_type` comes from a column (always `caption` for captions), `source` from --source.
+`question_type` comes from a column (always `caption` for captions), `source` from --source;
+`vqa`, `parquet` questions and `imagefolder` records say `task: "vqa"`, so `eval.score` scores them as
+questions only (a caption's `question_type` says it is one).
 Rows without a question, answer, caption or image are skipped and listed in the report. The
 terminal shows why the most asked questions got their answer type; `--report` lists every
 question (`answer_type_reasons`: question, answer type, times asked, distinct answers, why).

@@ -18,6 +18,7 @@ from .tables import Table, cell_text, pick_column, row_filter
 
 VQA_ROLES = ("image", "question", "answer", "answer_type", "question_type", "id")
 DEFAULT_CLASS_QUESTION = "What is in the image?"
+VQA_TASK = "vqa"  # the `task` label eval.score reads (captions say so by their question_type, "caption")
 
 
 def _answers(value) -> list[str]:
@@ -44,7 +45,8 @@ def vqa_records(table: Table, columns: dict[str, str | None] | None = None, wher
     user gave (missing: the usual names, see `tables.DEFAULT_COLUMNS`). `image_of(row, number)`
     gives a row's image path (embedded images are written by it); without it the image column
     holds the path, joined to `image_prefix`. `answer_type`: closed/open for every record, or auto
-    (the answer-type column, else `records.infer_answer_types`). Other columns are kept as fields.
+    (the answer-type column, else `records.infer_answer_types`). Other columns are kept as fields; `task` is
+    "vqa" unless the table has a `task` column.
     """
     columns = columns or {}
     label = table.label
@@ -67,9 +69,11 @@ def vqa_records(table: Table, columns: dict[str, str | None] | None = None, wher
         given_type = normalize_answer_type(row.get(pick["answer_type"]) if pick["answer_type"] else None,
                                            references[0], f"{label}: row {number} (sample {sid!r})")
         question_type = (cell_text(row.get(pick["question_type"])) or None) if pick["question_type"] else None
+        # `task` tells eval.score these are questions, so it does not also score their answers as captions;
+        # a table's own `task` column wins
         records.append(make_record(sid, image, question + (f"\n{instruction}" if instruction else ""),
                                    references[0], references, given_type, question_type, source,
-                                   extra_fields(row, pick.values())))
+                                   {"task": VQA_TASK, **extra_fields(row, pick.values())}))
     _check_unique_ids(records, label)
     reasons = infer_answer_types(records, answer_type, pick["answer_type"])
     return records, skipped, reasons
@@ -129,7 +133,8 @@ def imagefolder_records(root: str, question: str = DEFAULT_CLASS_QUESTION, image
                         id_prefix: str = "", source: str | None = None) -> tuple[list[dict], list[dict], list[str]]:
     """ROOT/<class>/<image> -> one closed question per image, answered by its class; also the class list.
 
-    Image paths are relative to ROOT (joined to `image_prefix`); each record keeps its class as `label`.
+    Image paths are relative to ROOT (joined to `image_prefix`); each record keeps its class as `label` and says
+    `task` "vqa".
     Files that are not images by their extension are skipped and listed.
     """
     if not os.path.isdir(root):
@@ -148,7 +153,7 @@ def imagefolder_records(root: str, question: str = DEFAULT_CLASS_QUESTION, image
                     continue
                 image = posixpath.join(image_prefix, relative) if image_prefix else relative
                 records.append(make_record(f"{id_prefix}{posixpath.splitext(relative)[0]}", image, question, name,
-                                           [name], "closed", source=source, extra={"label": name}))
+                                           [name], "closed", source=source, extra={"label": name, "task": VQA_TASK}))
     return records, skipped, classes
 
 

@@ -5,7 +5,8 @@ distribution per question type (majority share) and, with --image-folder, image 
         data/sets/data_test.json --out-dir data/stats [--tokenizer DIR --version llava_v1]
 
 Prints a markdown table; with --out-dir also writes stats.md and stats.png (histograms of answer
-length in words and, with --tokenizer, of token length as training counts it).
+length in words and, with --tokenizer, of token length as training counts it; when most answers are
+one word, bars of the most frequent answers per split).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import os
 from collections import Counter
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from llava_tiny.checks import SampleChecks, check_samples
 
@@ -23,6 +25,7 @@ from .token_lengths import length_summary, load_tokenizer, measure_token_lengths
 
 ALL_SOURCES = "(all)"
 HISTOGRAM_BINS = 30
+TOP_ANSWERS = 15  # bars in the top-answers panel of stats.png
 
 
 def _answers(sample: dict) -> list[str]:
@@ -128,16 +131,20 @@ def answers_text(stats: dict) -> str:
     return "\n" + "\n".join(lines) + "\n" if lines else ""
 
 
-def plot_histograms(answer_words: dict[str, list[int]], tokens: dict[str, list[int]] | None, path: str) -> None:
-    """Histograms per split (answer words; token lengths when measured) into one PNG."""
-    import matplotlib
+def _mostly_one_word(answer_words: dict[str, list[int]]) -> bool:
+    lengths = [n for values in answer_words.values() for n in values]
+    return sum(1 for n in lengths if n <= 1) > len(lengths) / 2
 
-    matplotlib.use("Agg")  # files only: never needs a display on a batch node
-    import matplotlib.pyplot as plt
 
+def stats_figure(answer_words: dict[str, list[int]], tokens: dict[str, list[int]] | None,
+                 answers: dict[str, Counter]) -> Figure:
+    """Histograms per split (answer words; token lengths when measured) and, when most answers are one word
+    (a length histogram of one bar tells nothing), the most frequent answers as bars per split."""
     panels = [("answer length (words)", answer_words)] + ([("tokens per sample", tokens)] if tokens else [])
-    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for axis, (title, per_split) in zip(axes[0], panels):
+    with_top = _mostly_one_word(answer_words)
+    figure = Figure(figsize=(6 * (len(panels) + with_top), 4), layout="constrained")
+    axes = figure.subplots(1, len(panels) + with_top, squeeze=False)[0]
+    for axis, (title, per_split) in zip(axes, panels):
         everything = [v for values in per_split.values() for v in values]
         if not everything:
             continue
@@ -152,9 +159,24 @@ def plot_histograms(answer_words: dict[str, list[int]], tokens: dict[str, list[i
         axis.set_title(title)
         axis.set_ylabel("fraction of the split")
         axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    if with_top:
+        _plot_top_answers(axes[-1], answers)
+    return figure
+
+
+def _plot_top_answers(axis, answers: dict[str, Counter]) -> None:
+    """Horizontal bars: the TOP_ANSWERS most frequent answers over all splits, the share of each split."""
+    top = [answer for answer, _ in sum(answers.values(), Counter()).most_common(TOP_ANSWERS)]
+    height = 0.8 / max(1, len(answers))
+    for i, (split, counts) in enumerate(answers.items()):
+        total = sum(counts.values()) or 1
+        axis.barh([j - 0.4 + height * (i + 0.5) for j in range(len(top))], [counts[a] / total for a in top],
+                  height=height, label=f"{split} ({total})")
+    axis.set_yticks(range(len(top)), top)
+    axis.invert_yaxis()  # the most frequent answer on top
+    axis.set_title(f"top {len(top)} answers")
+    axis.set_xlabel("fraction of the split")
+    axis.legend()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +206,7 @@ def main(argv=None) -> int:
     if args.tokenizer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = load_tokenizer(args.tokenizer, args.version) if args.tokenizer else None
-    stats, words, tokens = {}, {}, ({} if tokenizer else None)
+    stats, words, answers, tokens = {}, {}, {}, ({} if tokenizer else None)
     for path in args.data:
         split = split_name(path) if split_name(path) not in stats else path
         samples = load_samples(path)
@@ -202,13 +224,14 @@ def main(argv=None) -> int:
             for source in sorted(by_source):
                 stats[split][source] = describe(samples, lengths, by_source[source], checked)
         words[split] = [len(a.split()) for s in samples for a in _answers(s)]
+        answers[split] = Counter(a.strip().lower() for s in samples for a in _answers(s))
     table = markdown_table(stats, tokenizer is not None) + answers_text(stats)
     print(table, end="")
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(outputs[0], "w", encoding="utf-8") as f:
             f.write(table)
-        plot_histograms(words, tokens, outputs[1])
+        stats_figure(words, tokens, answers).savefig(outputs[1], dpi=100)
         print(f"wrote {outputs[0]} and {outputs[1]}")
     write_report(args.report, {"data": args.data, "source_rule": args.source_rule, "stats": stats})
     return 0

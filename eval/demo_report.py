@@ -18,8 +18,10 @@ import math
 import os
 import sys
 
-from .report import plot_accuracy_bars, plot_loss_curve
-from .score import load_predictions, score_predictions
+from .inputs import load_predictions
+from .overfitting import loss_history
+from .plots import plot_accuracy_bars, plot_loss_curve
+from .score import score_predictions
 
 QUESTION_TYPES = ("color", "shape", "count", "presence")
 # The demo's goal: the model reads the picture, and the text alone tells nothing.
@@ -45,7 +47,7 @@ def goal_check(accuracy: dict[str, float], blind: dict[str, float], majority: di
 
 def first_loss_check(trainer_state: dict, vocab_size: int | None) -> dict | None:
     """The first logged training loss beside ln(vocabulary): a from-scratch model starts there."""
-    losses = [(e["step"], e["loss"]) for e in trainer_state.get("log_history", []) if "loss" in e]
+    losses, _ = loss_history(trainer_state)
     if not losses:
         return None
     out = {"first_step": losses[0][0], "first_loss": losses[0][1], "last_loss": losses[-1][1]}

@@ -1,17 +1,13 @@
-"""Write what `eval.score` computed: metrics.json, report.md and PNG plots.
-
-Plots are drawn on `matplotlib.figure.Figure` objects (the Agg canvas), never through pyplot, so
-importing this module does not switch the backend of a notebook or a GUI session that uses it.
-"""
+"""Write what `eval.score` computed: metrics.json, report.md (the verdict first) and the plots (`eval.plots`)."""
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Mapping
 
-from matplotlib.figure import Figure
-
 from eval.caption_metrics import CAPTION_METRICS
+from eval.plots import plot_accuracy_bars, plot_confusion_matrix, plot_loss_curve
+from eval.verdict import verdict_lines
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -29,112 +25,6 @@ VQA_RULE = ("Answers are compared after the official VQA normalization (punctuat
             "closed = all references are yes/no.")
 
 
-def _accuracy_value(value) -> float | None:
-    """A table cell given as a number or as {"accuracy": x, "n": k} (the shape metrics.json uses)."""
-    if isinstance(value, Mapping):
-        value = value.get("accuracy")
-    return None if value is None else float(value)
-
-
-def plot_accuracy_bars(tables: Mapping[str, Mapping], path: str, title: str = "Accuracy by question type",
-                       ylabel: str = "accuracy") -> str:
-    """Grouped bar chart: one group per category, one bar per series, side by side.
-
-    `tables` maps a series label (e.g. "model", "blind", "majority class") to {category: accuracy};
-    an accuracy may be a number or {"accuracy": x, "n": k} as in metrics.json's `per_question_type`.
-    A category missing from a series gets no bar (a gap, not a zero). Returns `path`.
-    """
-    if not tables:
-        raise ValueError("plot_accuracy_bars needs at least one series; got an empty dict")
-    categories: list[str] = []
-    for table in tables.values():
-        categories += [c for c in table if c not in categories]
-    series = list(tables.items())
-    width = 0.8 / len(series)
-    fig = Figure(figsize=(max(6.0, 0.25 + len(categories) * (0.35 + 0.25 * len(series))), 4.5),
-                 layout="constrained")
-    ax = fig.subplots()
-    top = 1.0
-    for i, (label, table) in enumerate(series):
-        xs, heights = [], []
-        for j, category in enumerate(categories):
-            acc = _accuracy_value(table.get(category))
-            if acc is not None:
-                xs.append(j - 0.4 + width * (i + 0.5))
-                heights.append(acc)
-        bars = ax.bar(xs, heights, width=width * 0.95, label=str(label))
-        if len(categories) * len(series) <= 40:
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        top = max([top, *heights])
-    ax.set_xticks(range(len(categories)))
-    crowded = len(categories) > 4
-    ax.set_xticklabels(categories, rotation=30 if crowded else 0, ha="right" if crowded else "center")
-    ax.set_ylim(0, top * 1.1)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if len(series) > 1:
-        ax.legend()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def plot_confusion_matrix(matrix: Mapping, path: str) -> str:
-    """Heatmap of `eval.looking.confusion_matrix` (rows: reference answer, columns: prediction), counts written
-    in the cells when the matrix is small enough to read them. Returns `path`."""
-    labels, columns, counts = matrix["labels"], matrix["columns"], matrix["counts"]
-    side = max(4.0, 0.45 * len(columns) + 2)
-    fig = Figure(figsize=(side + 1, side), layout="constrained")
-    ax = fig.subplots()
-    image = ax.imshow(counts, cmap="Blues", aspect="auto")
-    fig.colorbar(image, ax=ax, label="questions")
-    ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("predicted answer")
-    ax.set_ylabel("reference answer")
-    if len(columns) <= 15:
-        top = max((max(row) for row in counts), default=0)
-        for i, row in enumerate(counts):
-            for j, value in enumerate(row):
-                if value:
-                    ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
-                            color="white" if value > top / 2 else "black")
-    ax.set_title("Confusion matrix (closed questions)")
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def read_loss_history(trainer_state_path: str) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(train, eval) lists of (step, loss) from a Hugging Face `trainer_state.json`'s `log_history`."""
-    with open(trainer_state_path, encoding="utf-8") as f:
-        history = json.load(f).get("log_history", [])
-    train = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
-    evals = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e and "step" in e]
-    return train, evals
-
-
-def plot_loss_curve(trainer_state_path: str, path: str) -> str:
-    """Training loss (and eval loss, when logged) against step from a `trainer_state.json`. Returns `path`.
-
-    Raises ValueError when the file's `log_history` has no `loss` and no `eval_loss` entry.
-    """
-    train, evals = read_loss_history(trainer_state_path)
-    if not train and not evals:
-        raise ValueError(f"{trainer_state_path}: log_history has no 'loss' or 'eval_loss' entries with a 'step'")
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
-    ax = fig.subplots()
-    if train:
-        ax.plot(*zip(*train), label="train loss", linewidth=1.2)
-    if evals:
-        ax.plot(*zip(*evals), label="eval loss", marker="o", linewidth=1.5)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title("Loss (" + os.path.basename(os.path.dirname(os.path.abspath(trainer_state_path))) + ")")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    return path
-
-
 def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
 
@@ -145,7 +35,9 @@ def _group_rows(table: Mapping[str, Mapping]) -> list[str]:
 
 def _closed_and_group_sections(metrics: Mapping, plots: Mapping[str, str]) -> list[str]:
     lines = []
-    for field, table in (metrics.get("per_group") or {}).items():
+    # With a blind run the looking section holds these tables, the model's accuracy beside its baselines.
+    per_group = {} if metrics.get("looking") else metrics.get("per_group") or {}
+    for field, table in per_group.items():
         lines += [f"### Accuracy per {field}", "", f"| {field} | accuracy (%) | n |", "|---|---|---|",
                   *_group_rows(table), ""]
     if metrics.get("per_answer"):
@@ -172,19 +64,84 @@ def _looking_section(metrics: Mapping, plots: Mapping[str, str]) -> list[str]:
     looking = metrics.get("looking")
     if not looking:
         return []
+    has_prior = "prior" in looking["overall"]
     lines = ["## Is the model looking at the image?", "",
-             "The same model with every image blanked (blind control) and always answering the most frequent "
-             f"answer of the question type (majority class, from {looking['majority_from']}). A model that reads "
-             "the picture beats both; a blind model above the majority class means the words of the question "
-             "give the answer away.", ""]
-    for key, heading in (("by_question_type", "question type"), ("by_answer", "answer")):
-        lines += [f"| {heading} | model (%) | blind (%) | majority (%) | n |", "|---|---|---|---|---|"]
-        rows = list(looking[key].items()) + ([("all", looking["overall"])] if key == "by_question_type" else [])
-        lines += [f"| {name} | {_pct(row['model'])} | {_pct(row['blind'])} | {_pct(row['majority'])} | {row['n']} |"
+             "The same model with every image blanked (blind control), always answering the most frequent "
+             f"answer of the question type (majority class, from {looking['majority_from']})"
+             + (" and always answering the most frequent training answer of the exact question (question prior; "
+                f"{looking['prior_seen']} of {looking['overall']['n']} questions were asked in training, the others "
+                "get the majority class)" if has_prior else "")
+             + ". A model that reads the picture beats them; a blind model above the majority class means the words "
+             "of the question give the answer away. *Same* is the share of questions the model answers as its blind "
+             "copy does; the verdict says whether the model beat its blind copy (by 5 points or more) or, when the "
+             "two agree on most questions, answered from the words. A group whose questions all have one answer (each "
+             "answer class; a label that names the answer) gets none: a blind copy that always gives that answer is "
+             "right on all of it.", ""]
+    runs = ("model", "blind", "majority") + (("prior",) if has_prior else ())
+    header = " | ".join(f"{run} (%)" for run in runs)
+    tables = [(key[len("by_"):].replace("_", " "), looking[key]) for key in looking
+              if key.startswith("by_") and key != "by_answer"] + [("answer", looking["by_answer"])]
+    for heading, table in tables:
+        lines += [f"| {heading} | {header} | n | same (%) | verdict |", "|---|" + "---|" * (len(runs) + 3)]
+        rows = list(table.items()) + ([("all", looking["overall"])] if heading == "question type" else [])
+        lines += [f"| {name} | " + " | ".join(_pct(row[run]) for run in runs)
+                  + f" | {row['n']} | {_pct(row['agreement'])} | {row['verdict'] or '– (one answer)'} |"
                   for name, row in rows]
         lines.append("")
     if LOOKING_PLOT in plots:
-        lines += [f"![model vs blind vs majority]({plots[LOOKING_PLOT]})", ""]
+        lines += [f"![model vs blind vs baselines]({plots[LOOKING_PLOT]})", ""]
+    return lines
+
+
+def _caption_section(metrics: Mapping) -> list[str]:
+    captions, n = metrics["captions"], metrics["counts"]["caption"]
+    blind = "blind" in captions["overall"]
+    lines = [f"## Captions ({n} images)", ""]
+    if blind:
+        lines += ["| metric | model | blind |", "|---|---|---|"]
+        lines += [f"| {name} | {metrics[name]:.4f} | {captions['overall']['blind'][name]:.4f} |"
+                  for name in CAPTION_METRICS if name in metrics]
+    else:
+        lines += ["| metric | score |", "|---|---|"]
+        lines += [f"| {name} | {metrics[name]:.4f} |" for name in CAPTION_METRICS if name in metrics]
+    lines += ["", f"Computed with pycocoevalcap's scorers. Tokenization: {metrics.get('caption_tokenization')}.", ""]
+    for field, table in captions["per_group"].items():
+        names = [name for name in CAPTION_METRICS if name in metrics]
+        lines += [f"### Captions per {field}", "", "Each group scored on its own, as the toolkit scores a subset "
+                  "(CIDEr's document frequencies from the group's references)"
+                  + ("; each cell: model / blind." if blind else "."), "",
+                  f"| {field} | n | " + " | ".join(names) + (" | same (%) | verdict |" if blind else " |"),
+                  "|---|---|" + "---|" * (len(names) + (2 if blind else 0))]
+        for value, row in table.items():
+            cells = [f"{row['model'][k]:.4f}" + (f" / {row['blind'][k]:.4f}" if blind else "") for k in names]
+            extra = f" | {_pct(row['agreement'])} | {row['verdict']}" if blind else ""
+            lines.append(f"| {value} | {row['n']} | " + " | ".join(cells) + extra + " |")
+        lines.append("")
+    return lines
+
+
+def _copying_section(metrics: Mapping) -> list[str]:
+    copying = (metrics.get("captions") or {}).get("copying")
+    rising = metrics.get("eval_loss_rising")
+    if not copying and not rising:
+        return []
+    lines = ["## Copying and overfitting", ""]
+    if copying:
+        total = copying["captions"]
+        rows = [("distinct predicted captions", copying["distinct_predictions"]),
+                ("distinct blind captions", copying.get("blind_distinct_predictions")),
+                ("equal to a training caption (word for word)", copying.get("equal_to_a_training_caption")),
+                ("... of them equal to their own reference", copying.get("copied_and_right")),
+                ("equal to their own reference", copying["equal_to_own_reference"])]
+        lines += ["Captions compared word for word (case and punctuation ignored)"
+                  + (f" with the {copying['training_captions']} distinct training captions." if "training_captions"
+                     in copying else "; `--train-data` adds the comparison with the training captions."), "",
+                  f"| captions ({total}) | n | share (%) |", "|---|---|---|"]
+        lines += [f"| {name} | {value} | {_pct(value / total if total else None)} |" for name, value in rows
+                  if value is not None]
+        lines.append("")
+    if rising:
+        lines += [f"**Warning:** {rising['warning']}", ""]
     return lines
 
 
@@ -201,12 +158,13 @@ def render_report(metrics: Mapping, plots: Mapping[str, str], notes: list[str] |
               f"{counts.get('vqa', 0)} VQA questions)", ""]
     if metrics.get("task_unlabelled"):
         lines += [f"**Kind not labelled.** {metrics['task_unlabelled']}", ""]
+    verdict = verdict_lines(metrics)
+    if verdict:
+        lines += ["## Verdict", "", *[f"- {line}" for line in verdict], ""]
 
     if counts.get("caption"):
-        lines += [f"## Captions ({counts['caption']} images)", "", "| metric | score |", "|---|---|"]
-        lines += [f"| {name} | {metrics[name]:.4f} |" for name in CAPTION_METRICS if name in metrics]
-        lines += ["", f"Computed with pycocoevalcap's scorers. Tokenization: {metrics.get('caption_tokenization')}.",
-                  ""]
+        lines += _caption_section(metrics)
+    lines += _copying_section(metrics)
 
     if counts.get("vqa"):
         lines += [f"## VQA ({counts['vqa']} questions)", "", "| subset | accuracy (%) | n |", "|---|---|---|",
@@ -243,8 +201,8 @@ def write_report(metrics: Mapping, out_dir: str, trainer_state_path: str | None 
     """Write metrics.json, report.md and the plots into `out_dir` (created if needed).
 
     Plots: accuracy per question type and per source (two or more of them; otherwise report.md says
-    why there is none), the confusion matrix of closed questions, model vs blind vs majority (with a
-    blind run; by question type, or by answer when there is one type), and the loss curve from
+    why there is none), the confusion matrix of closed questions, model vs blind vs majority (vs prior) (with
+    a blind run; by question type, or by answer when there is one type), and the loss curve from
     `trainer_state_path` when given.
     Returns {file name: path} of everything written.
     """
@@ -271,9 +229,11 @@ def write_report(metrics: Mapping, out_dir: str, trainer_state_path: str | None 
     if looking:
         by_type = looking["by_question_type"]
         groups = by_type if len(by_type) > 1 else looking["by_answer"]
-        series = {name: {group: row[name] for group, row in groups.items()} for name in ("model", "blind", "majority")}
-        plot_accuracy_bars(series, os.path.join(out_dir, LOOKING_PLOT), title="Model vs blind control vs majority "
-                           "class, by " + ("question type" if len(by_type) > 1 else "answer"))
+        names = {"model": "model", "blind": "blind control", "majority": "majority class", "prior": "question prior"}
+        series = {name: {group: row[run] for group, row in groups.items()}
+                  for run, name in names.items() if run in looking["overall"]}
+        plot_accuracy_bars(series, os.path.join(out_dir, LOOKING_PLOT), title="Model vs " + ", ".join(list(series)[1:])
+                           + ", by " + ("question type" if len(by_type) > 1 else "answer"))
         plots[LOOKING_PLOT] = LOOKING_PLOT
     if trainer_state_path:
         try:

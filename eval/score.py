@@ -15,10 +15,17 @@ COCO captions file, a VQA annotations file, or a JSON map {id: [reference, ...]}
 there has its own `references` replaced.
 
 Is the model looking at the image? `--blind PREDS_BLIND.jsonl` (the same questions generated with
-`--blank-images`) adds the blind control and the majority-class baseline (the most frequent answer
-per question type, from `--train-data` or else from the references) per question type, per answer
-class and overall. Closed questions also get a per-answer accuracy table and a confusion matrix
-(`confusion_matrix.png`); `--group-by FIELD` adds accuracy per value of any record field.
+`--blank-images`) adds the blind control beside the model: for VQA with the majority class (the most
+frequent answer per question type, from `--train-data` or else from the references) and, with
+`--train-data`, the question prior (the most frequent training answer of the exact question), per
+question type, per `--group-by` value, per answer class and overall; for captions every metric of
+the blind copy, overall and per `--group-by` value. Each row gets a verdict: beat its blind copy,
+answered from the words (trained and blind agree on most items), or neither. Closed questions also
+get a per-answer table and a confusion matrix (`confusion_matrix.png`).
+
+Is it reciting its training set? Captions get copying figures (distinct predictions; with
+`--train-data`, those that are a training caption word for word), and a trainer_state.json whose
+eval loss rose while the training loss fell gets a warning naming the best step.
 
     python -m eval.score preds.jsonl --blind preds_blind.jsonl --train-data sets/data_train.json \
         --group-by label --out runs/mine/report
@@ -26,157 +33,23 @@ class and overall. Closed questions also get a per-answer accuracy table and a c
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping
 
-from eval.caption_metrics import CAPTION_METRICS, score_captions
-from eval.looking import accuracy_by, answer_class, blind_comparison, confusion_matrix, group_of, majority_answers
+from eval.caption_metrics import score_caption_runs
+from eval.inputs import (CAPTION, TASKS, UNLABELLED_NOTE, VQA, apply_references, check_records, kind_labelled,
+                         load_predictions, load_references, task_of)
+from eval.looking import (accuracy_by, answer_class, blind_comparison, confusion_matrix, group_of, majority_answers,
+                          match_blind, question_prior_answers, verdict)
+from eval.overfitting import caption_copying, eval_loss_rising, find_trainer_state, read_loss_history, same_words
 from eval.report import write_report
+from eval.verdict import terminal_lines
 from eval.vqa_metrics import is_closed_question, score_vqa
 from llava_tiny.data import load_samples
 
 logger = logging.getLogger("eval.score")
-
-TASKS = ("auto", "caption", "vqa")
-CAPTION = "caption"
-VQA = "vqa"
-
-
-# --- inputs -----------------------------------------------------------------------------------
-
-def load_predictions(path: str) -> list[dict]:
-    """The records of a predictions JSONL file (blank lines ignored); errors name the bad line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON line ({err.msg}); expected one object per line, "
-                                 "as eval.generate writes") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
-            records.append(record)
-    return records
-
-
-def _as_reference_list(value, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{where}: references must be a string or a list of strings; found {json.dumps(value)[:120]}")
-
-
-def load_references(path: str) -> dict[str, list[str]]:
-    """References keyed by id (and, for COCO files, also by image file name) from one of three formats.
-
-    - COCO captions: {"annotations": [{"image_id", "caption"}], "images": [{"id", "file_name"}]};
-      keyed by str(image_id) and by file_name, so lines match on `id` or on their `image`'s name;
-    - VQA annotations: {"annotations": [{"question_id", "answers": [{"answer"}, ...]}]};
-    - a plain map {id: [reference, ...]} (or {id: reference}).
-    """
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object (COCO/VQA annotation file or {{id: [refs]}}), "
-                         f"found {type(data).__name__}")
-    if "annotations" not in data:
-        return {str(key): _as_reference_list(value, f"{path}[{key!r}]") for key, value in data.items()}
-
-    refs: dict[str, list[str]] = {}
-    for ann in data["annotations"]:
-        if "caption" in ann and "image_id" in ann:
-            refs.setdefault(str(ann["image_id"]), []).append(ann["caption"])
-        elif "answers" in ann and "question_id" in ann:
-            refs[str(ann["question_id"])] = [a["answer"] for a in ann["answers"]]
-        else:
-            raise ValueError(f"{path}: annotation {json.dumps(ann)[:120]} has neither image_id+caption (COCO "
-                             "captions) nor question_id+answers (VQA)")
-    for image in data.get("images", []):
-        if "file_name" in image and str(image.get("id")) in refs:
-            refs.setdefault(image["file_name"], refs[str(image["id"])])
-    return refs
-
-
-def apply_references(records: list[dict], references: Mapping[str, list[str]]) -> list[dict]:
-    """Copies of `records` whose `references` come from `references`, matched on `id`, then on the image name.
-
-    Lines with no match keep their own references. Raises ValueError when no line matches at all
-    (an id scheme mismatch, reported with an example from each side).
-    """
-    out, matched = [], 0
-    for record in records:
-        image = record.get("image")
-        image = image[0] if isinstance(image, list) and image else image
-        keys = [str(record.get("id"))] + ([os.path.basename(image)] if isinstance(image, str) and image else [])
-        found = next((references[k] for k in keys if k in references), None)
-        if found is not None:
-            record = {**record, "references": _as_reference_list(found, f"references[{keys[0]!r}]")}
-            matched += 1
-        out.append(record)
-    if records and references and not matched:
-        raise ValueError(f"no prediction line matches the reference file: line ids look like "
-                         f"{records[0].get('id')!r}, reference keys like {next(iter(references))!r}")
-    logger.info("references from file for %d of %d lines", matched, len(records))
-    return out
-
-
-def task_of(record: dict, task: str = "auto") -> str:
-    """The task of one record, "caption" or "vqa": `task` when not "auto", else from its fields.
-
-    Auto rule: a caption when `question_type` or `task` is "caption" (any case), else VQA.
-    """
-    if task != "auto":
-        return task
-    labels = (record.get("question_type"), record.get("task"))
-    return CAPTION if any(isinstance(v, str) and v.strip().lower() == CAPTION for v in labels) else VQA
-
-
-def _kind_labelled(record: dict) -> bool:
-    """Whether a line says its kind: a non-empty `question_type` or `task`."""
-    return any(isinstance(record.get(k), str) and record[k].strip() for k in ("question_type", "task"))
-
-
-UNLABELLED_NOTE = ("{n} of {total} lines have no `question_type` or `task`, so their kind (caption or VQA) is not "
-                   "labelled: they are scored both as captions (BLEU, METEOR, ROUGE-L, CIDEr) and as VQA (accuracy). "
-                   "Choose with `--task caption` or `--task vqa`, or give each line a `task` (\"caption\" or "
-                   "\"vqa\") or a `question_type`.")
-
-
-def _check_records(records: list[dict]) -> list[dict]:
-    """Records with `references` as a list of strings; ValueError naming every malformed or duplicate id."""
-    problems, seen, clean = [], set(), []
-    for i, record in enumerate(records):
-        rid = record.get("id")
-        where = f"line {i + 1} (id {rid!r})"
-        if rid is None:
-            problems.append(f"{where}: no 'id'")
-        elif str(rid) in seen:
-            problems.append(f"{where}: id repeated")
-        seen.add(str(rid))
-        if not isinstance(record.get("prediction"), str):
-            problems.append(f"{where}: 'prediction' must be a string, found {record.get('prediction')!r}")
-        try:
-            refs = _as_reference_list(record.get("references"), where)
-        except ValueError as err:
-            problems.append(str(err))
-            continue
-        if not refs:
-            problems.append(f"{where}: no references (give them in the line or with --refs)")
-        clean.append({**record, "references": refs})
-    if problems:
-        shown = "\n  ".join(problems[:10])
-        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(f"{len(problems)} problem(s) in the predictions:\n  {shown}{more}")
-    return clean
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -189,15 +62,16 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
     `task`: "auto" (per line, see `task_of`), "caption" or "vqa". `references`: optional
     {id or image file name: [reference, ...]} replacing the lines' own references.
     Returns a flat dict: caption metrics under pycocoevalcap's names (`Bleu_1`..`Bleu_4`, `METEOR`,
-    `ROUGE_L`, `CIDEr`) plus `caption_tokenization`; VQA `vqa_accuracy`, `closed_accuracy`,
-    `open_accuracy`, `per_question_type`, `per_source`; always `counts` and `skipped`
-    ({metric or tool: why it was not computed as the toolkit would}). Lines with no `question_type` or
-    `task` (with `task` "auto") count as both kinds; `task_unlabelled` then says so and how to choose.
+    `ROUGE_L`, `CIDEr`) plus `caption_tokenization` and `captions` (see `_caption_views`); VQA
+    `vqa_accuracy`, `closed_accuracy`, `open_accuracy`, `per_question_type`, `per_source`; always `counts`
+    and `skipped` ({metric or tool: why it was not computed as the toolkit would}). Lines with no
+    `question_type` or `task` (with `task` "auto") count as both kinds; `task_unlabelled` then says so.
 
     VQA questions also get `per_group` ({field: table} for each field of `group_by`) and, for closed
     questions, `per_answer` and `confusion_matrix` (`eval.looking`). With `blind` (the lines of a
-    `--blank-images` run): `looking`, model vs blind vs majority class per question type, per answer
-    and overall, with the majority answers from `train` (LLaVA samples) or else from the references.
+    `--blank-images` run): `looking`, model vs blind vs majority class (vs question prior, with `train`)
+    per question type, per `group_by` field, per answer and overall, each row with its verdict; the
+    majority answers come from `train` (LLaVA samples) or else from the references.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -206,10 +80,12 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
         raise ValueError("no predictions to score")
     if references is not None:
         records = apply_references(records, references)
-    records = _check_records(records)
+    records = check_records(records)
+    blind = list(blind) if blind is not None else None
+    group_by = list(group_by)
     # Lines that do not say their kind are scored both ways: a caption file would otherwise get only VQA
     # exact match (0%), a VQA file only BLEU; `task_unlabelled` says so and how to choose.
-    unlabelled = {id(r) for r in records if task == "auto" and not _kind_labelled(r)}
+    unlabelled = {id(r) for r in records if task == "auto" and not kind_labelled(r)}
     captions = [r for r in records if task_of(r, task) == CAPTION or id(r) in unlabelled]
     questions = [r for r in records if task_of(r, task) == VQA]
 
@@ -220,11 +96,9 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
         metrics["task_unlabelled"] = UNLABELLED_NOTE.format(n=len(unlabelled), total=len(records))
     skipped: dict[str, str] = {}
     if captions:
-        result = score_captions({str(r["id"]): r["prediction"] for r in captions},
-                                {str(r["id"]): r["references"] for r in captions})
-        metrics.update({name: result["scores"][name] for name in CAPTION_METRICS if name in result["scores"]})
-        metrics["caption_tokenization"] = result["tokenization"]
-        skipped.update(result["skipped"])
+        views = _caption_views(captions, blind, train, group_by)
+        skipped.update(views.pop("skipped"))
+        metrics.update(views)
     if questions:
         vqa = score_vqa(questions)
         counts.update(vqa.pop("counts"))
@@ -235,9 +109,44 @@ def score_predictions(records: Iterable[dict], task: str = "auto",
     return metrics
 
 
-def _vqa_views(questions: list[dict], blind: Iterable[dict] | None, train: list[dict] | None,
-               group_by: Iterable[str]) -> dict:
-    """Per-group and per-answer tables, the confusion matrix and the blind/majority comparison."""
+def _caption_views(captions: list[dict], blind: list[dict] | None, train: list[dict] | None,
+                   group_by: list[str]) -> dict:
+    """Caption metrics of the model (top-level keys) and `captions`: {"overall": row, "per_group": {field:
+    {value: row}}, "copying": `eval.overfitting.caption_copying`}, a row holding {"model": {metric: value},
+    "n"} and, with `blind`, "blind" (the same metrics), "agreement" (same words) and "verdict" (on CIDEr)."""
+    ids = [str(r["id"]) for r in captions]
+    runs = {"model": {key: r["prediction"] for key, r in zip(ids, captions)}}
+    blind_predictions = None
+    if blind is not None:
+        blind_predictions = [b["prediction"] for b in match_blind(captions, blind)]
+        runs["blind"] = dict(zip(ids, blind_predictions))
+    groups: dict[tuple[str, str], list[str]] = {("", "all"): ids}
+    for field in group_by:
+        for key, record in sorted(zip(ids, captions), key=lambda pair: group_of(pair[1], field)):
+            groups.setdefault((field, group_of(record, field)), []).append(key)
+    result = score_caption_runs(runs, {key: r["references"] for key, r in zip(ids, captions)}, groups)
+
+    def row(group: tuple[str, str]) -> dict:
+        out = {**result["scores"][group], "n": len(groups[group])}
+        if blind is not None:
+            out["agreement"] = sum(same_words(runs["model"][k]) == same_words(runs["blind"][k])
+                                   for k in groups[group]) / len(groups[group])
+            out["verdict"] = verdict(out["model"]["CIDEr"], out["blind"]["CIDEr"], out["agreement"])
+        return out
+
+    per_group: dict[str, dict] = {field: {} for field in group_by}
+    for field, value in groups:
+        if field:
+            per_group[field][value] = row((field, value))
+    model = result["scores"][("", "all")]["model"]
+    return {**model, "caption_tokenization": result["tokenization"], "skipped": result["skipped"],
+            "captions": {"overall": row(("", "all")), "per_group": per_group,
+                         "copying": caption_copying(captions, blind_predictions, train)}}
+
+
+def _vqa_views(questions: list[dict], blind: list[dict] | None, train: list[dict] | None,
+               group_by: list[str]) -> dict:
+    """Per-group and per-answer tables, the confusion matrix and the blind/majority/prior comparison."""
     views: dict = {"per_group": {field: accuracy_by(questions, lambda r, f=field: group_of(r, f))
                                  for field in group_by}}
     closed = [q for q in questions if is_closed_question(q)]
@@ -246,27 +155,11 @@ def _vqa_views(questions: list[dict], blind: Iterable[dict] | None, train: list[
         views["confusion_matrix"] = confusion_matrix(closed)
     if blind is not None:
         majority = majority_answers(questions, "question_type", train)
-        views["looking"] = {**blind_comparison(questions, list(blind), majority),
+        prior = question_prior_answers(train) if train is not None else None
+        views["looking"] = {**blind_comparison(questions, blind, majority, prior=prior, group_by=group_by),
                             "majority_answers": majority,
                             "majority_from": "training data" if train is not None else "the references scored"}
     return views
-
-
-# --- trainer state ----------------------------------------------------------------------------
-
-def _checkpoint_step(path: str) -> int:
-    match = re.search(r"checkpoint-(\d+)$", os.path.basename(os.path.dirname(path)))
-    return int(match.group(1)) if match else -1
-
-
-def find_trainer_state(model_dir: str) -> str | None:
-    """`model_dir/trainer_state.json`, else the one in the highest-step `model_dir/checkpoint-N/`, else None."""
-    direct = os.path.join(model_dir, "trainer_state.json")
-    if os.path.isfile(direct):
-        return direct
-    found = glob.glob(os.path.join(glob.escape(model_dir), "checkpoint-*", "trainer_state.json"))
-    found = [p for p in found if _checkpoint_step(p) >= 0]
-    return max(found, key=_checkpoint_step) if found else None
 
 
 # --- command line -----------------------------------------------------------------------------
@@ -287,12 +180,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="model folder to look for trainer_state.json in (default: the predictions' folder)")
     parser.add_argument("--blind", default=None, metavar="PREDS_BLIND.jsonl",
                         help="predictions of the same questions with blank images (eval.generate --blank-images): "
-                             "adds the blind control and the majority-class baseline")
+                             "adds the blind control (captions and VQA) and the majority-class baseline")
     parser.add_argument("--train-data", "--train_data", default=None,
-                        help="training split (LLaVA JSON): the majority answer per question type comes from it "
-                             "(default: from the references scored)")
+                        help="training split (LLaVA JSON): the majority answer per question type and the question "
+                             "prior come from it (default: majority from the references scored, no prior), and "
+                             "captions are checked for copies of its captions")
     parser.add_argument("--group-by", "--group_by", action="append", default=[], metavar="FIELD",
-                        help="accuracy per value of this record field (e.g. label, source); repeatable")
+                        help="accuracy, caption metrics and verdicts per value of this record field (e.g. label, "
+                             "source); repeatable")
     return parser.parse_args(argv)
 
 
@@ -316,25 +211,21 @@ def main(argv=None) -> int:
                                     group_by=args.group_by)
     except (OSError, ValueError) as err:
         raise SystemExit(f"eval.score: {err}") from None
+    if trainer_state:
+        try:
+            rising = eval_loss_rising(*read_loss_history(trainer_state))
+        except (OSError, ValueError) as err:  # the loss curve's note in report.md says what is wrong with the file
+            logger.warning("%s: no loss trend read (%s)", trainer_state, err)
+            rising = None
+        if rising:
+            metrics["eval_loss_rising"] = rising
     metrics["inputs"] = {"predictions": os.path.abspath(args.predictions),
                          "references": os.path.abspath(args.refs) if args.refs else None,
                          "trainer_state": os.path.abspath(trainer_state) if trainer_state else None,
                          "blind": os.path.abspath(args.blind) if args.blind else None,
                          "train_data": os.path.abspath(args.train_data) if args.train_data else None}
     written = write_report(metrics, out_dir, trainer_state_path=trainer_state)
-
-    for name in CAPTION_METRICS:
-        if name in metrics:
-            print(f"{name}: {metrics[name]:.4f}")
-    for name in ("vqa_accuracy", "closed_accuracy", "open_accuracy"):
-        if metrics.get(name) is not None:
-            print(f"{name}: {100 * metrics[name]:.2f}%")
-    if "looking" in metrics:
-        overall = metrics["looking"]["overall"]
-        print(f"model {100 * overall['model']:.2f}%, blind control {100 * overall['blind']:.2f}%, "
-              f"majority class {100 * overall['majority']:.2f}% (majority from {metrics['looking']['majority_from']})")
-    for name, reason in metrics["skipped"].items():
-        print(f"skipped {name}: {reason}")
+    print("\n".join(terminal_lines(metrics)))
     print(f"wrote {', '.join(sorted(written))} to {out_dir}")
     return 0
 

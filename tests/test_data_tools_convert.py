@@ -42,7 +42,7 @@ def test_vqa_rad_style_json(tmp_path):
     assert records[0] == {
         "id": "rad-1", "image": "rad/synpic1.jpg",
         "conversations": [{"from": "human", "value": "<image>\nIs there a fracture?"}, {"from": "gpt", "value": "Yes"}],
-        "question_type": "PRES", "answer_type": "closed", "references": ["Yes"], "source": "VQA-RAD"}
+        "question_type": "PRES", "answer_type": "closed", "references": ["Yes"], "source": "VQA-RAD", "task": "vqa"}
     assert (records[1]["references"], records[1]["answer_type"]) == (["12"], "open")
     assert len(records) == 2
     assert json.load(open(report))["skipped"] == [{"row": 2, "id": "rad-3", "reason": "empty answer"}]
@@ -197,6 +197,13 @@ def test_imagefolder_one_closed_question_per_image_with_its_class(tmp_path):
                                            {"from": "gpt", "value": "Pullover"}]
     data = json.load(open(report))
     assert data["classes"] == ["Pullover", "Sandal"]
+    # labelled as questions: eval.score scores them as VQA only, not also as captions (BLEU of class names)
+    from eval.score import score_predictions
+
+    metrics = score_predictions([{"id": r["id"], "prediction": r["references"][0], "references": r["references"],
+                                  **{k: v for k, v in r.items() if k in ("task", "answer_type", "label")}}
+                                 for r in records])
+    assert metrics["counts"]["caption"] == 0 and "task_unlabelled" not in metrics and metrics["vqa_accuracy"] == 1.0
     assert data["skipped"] == [{"file": "Sandal/notes.txt", "reason": "not an image file (by its extension)"}]
     assert validate_samples(records, str(root)).errors == []
 

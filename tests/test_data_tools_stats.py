@@ -66,3 +66,17 @@ def test_answer_distribution_and_image_modes(tmp_path, capsys):
     row = json.load(open(report))["stats"]["train"]["(all)"]
     assert row["answers"]["garment"]["top"] == [["coat", 3], ["dress", 1]]
     assert row["image_files"]["modes"] == {"RGBA": 1, "L": 1}
+
+
+def test_one_word_answers_get_a_top_answers_chart():
+    """Peer: the answer counts by hand (train: coat 3 of 4, dress 1; test: dress 1 of 1); longer answers get none."""
+    from collections import Counter
+
+    answers = {"train": Counter({"coat": 3, "dress": 1}), "test": Counter({"dress": 1})}
+    figure = stats.stats_figure({"train": [1, 1, 1, 1], "test": [1]}, None, answers)
+    top = figure.axes[-1]
+    assert top.get_title() == "top 2 answers" and [t.get_text() for t in top.get_yticklabels()] == ["coat", "dress"]
+    widths = [bar.get_width() for container in top.containers for bar in container]
+    assert widths == [0.75, 0.25, 0.0, 1.0]  # train: coat, dress; test: coat, dress
+    captions = stats.stats_figure({"train": [5, 7, 1]}, None, {"train": Counter({"a red bus": 1})})
+    assert [axis.get_title() for axis in captions.axes] == ["answer length (words)"]

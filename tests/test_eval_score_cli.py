@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from eval.report import plot_accuracy_bars, plot_loss_curve, read_loss_history
-from eval.score import find_trainer_state
+from eval.overfitting import eval_loss_rising, find_trainer_state, loss_history, read_loss_history
+from eval.plots import plot_accuracy_bars, plot_loss_curve
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -81,6 +81,17 @@ def test_loss_history_and_curve(tmp_path):
     empty = write_trainer_state(tmp_path / "no_losses", [{"step": 1, "learning_rate": 1e-4}])
     with pytest.raises(ValueError, match="no 'loss' or 'eval_loss'"):
         plot_loss_curve(empty, str(tmp_path / "none.png"))
+
+
+def test_eval_loss_rising_needs_a_rise_past_the_best_while_training_loss_falls():
+    """Peer: the log histories read by hand (best eval step, the training loss before and after it)."""
+    train, evals = loss_history({"global_step": 10, "log_history": LOG_HISTORY})
+    assert eval_loss_rising(train, evals) is None  # eval 2.2 -> 1.5: still improving
+    rising = eval_loss_rising([(5, 2.0), (10, 0.5)], [(5, 3.48), (10, 3.81)])  # two eval points are enough
+    assert (rising["best_step"], rising["last_eval_loss"], rising["train_loss_at_best"]) == (5, 3.81, 2.0)
+    assert "from 3.48 at step 5 (its best) to 3.81 at step 10" in rising["warning"]
+    assert eval_loss_rising([(5, 0.5), (10, 0.6)], [(5, 3.48), (10, 3.81)]) is None  # training loss did not fall
+    assert eval_loss_rising([(5, 2.0), (10, 0.5)], [(5, 3.48), (10, 3.5)]) is None  # within 2% of the best: noise
 
 
 def test_accuracy_bars_with_several_series(tmp_path):
