@@ -12,8 +12,10 @@
 #
 # Without real weights (none can be downloaded here) the models are tiny and random, so every part
 # (tower, projector, LLM) is trained from scratch: the "from-scratch variant".
+# Rerun the same command after an interruption to continue in its --out (scripts/lib/demo_out.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/lib/demo_out.sh
 OUT=runs/demo SEED=0 IMAGES="" STEPS=2000 LLM="" TOWER="" USER_DATA="" IMAGE_FOLDER="" STRATIFY="" GROUP_BY=()
 IMAGE_SIZE=32
 while [ $# -gt 0 ]; do
@@ -25,7 +27,7 @@ while [ $# -gt 0 ]; do
     --data) USER_DATA=$2; shift 2 ;;
     --image-folder) IMAGE_FOLDER=$2; shift 2 ;;
     --stratify) STRATIFY=$2; shift 2 ;;
-    --group-by) GROUP_BY+=(--group-by "$2"); shift 2 ;;
+    --group-by) GROUP_BY+=(--group-by "$2"); GROUP_FIELDS="${GROUP_FIELDS:-}${GROUP_FIELDS:+ }$2"; shift 2 ;;
     --image-size) IMAGE_SIZE=$2; shift 2 ;;
     --model_name_or_path) LLM=$2; shift 2 ;;
     --vision_tower) TOWER=$2; shift 2 ;;
@@ -53,9 +55,9 @@ IMAGES=${IMAGES:-3000}
 if [ $(( IMAGE_SIZE % 16 )) -ne 0 ] || [ "$IMAGE_SIZE" -lt 16 ]; then
   fail "--image-size $IMAGE_SIZE: expected a multiple of the tiny tower's 16-px patch (16, 32, 48, ...)"
 fi
-if [ -e "$OUT" ] && [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-  echo "demo.sh: $OUT is not empty; choose another --out (nothing is overwritten)" >&2; exit 2
-fi
+claim_out demo.sh "$OUT" "--seed $SEED" "--images $IMAGES" "--steps $STEPS" "--data $USER_DATA" \
+  "--image-folder $IMAGE_FOLDER" "--stratify $STRATIFY" "--group-by ${GROUP_FIELDS:-}" "--image-size $IMAGE_SIZE" \
+  "--model_name_or_path $LLM" "--vision_tower $TOWER"
 start=$(date +%s)
 bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZERS_PARALLELISM=false
@@ -64,28 +66,41 @@ PY=python
 step() { printf '\n== [%ss] %s\n' "$(( $(date +%s) - start ))" "$*"; }
 SETS=$OUT/data/sets MODEL=$OUT/model
 if [ -z "$USER_DATA" ]; then
-  step "1/5 data: synthesize, validate, partition by image"
   IMAGE_FOLDER=$OUT/data DATA_FILE=$OUT/data/dataset.json
-  $PY -m data_tools.synthesize --out-dir "$IMAGE_FOLDER" --num-images "$IMAGES" --image-size 32 --layout grid \
-    --objects alike --question-types color shape count presence caption --seed "$SEED"
   STRATIFY=${STRATIFY:-scene}  # every split shows each scene in the same proportion: balanced answers
 else
   STRATIFY=${STRATIFY:-label}  # what convert imagefolder writes: every class in every split
-  step "1/5 data: validate $DATA_FILE (images in $IMAGE_FOLDER), partition by image"
 fi
-if ! $PY -m data_tools.validate --data "$DATA_FILE" --image-folder "$IMAGE_FOLDER" --report "$OUT/validate_report.json"; then
-  echo "demo.sh: $DATA_FILE has errors (listed above, all in $OUT/validate_report.json): fix them, or drop" \
-       "those samples with python -m data_tools.validate ... --write-clean clean.json and pass --data clean.json" >&2
-  exit 1
+if step_done data; then
+  step "1/5 data: done in an earlier run ($SETS)"
+else
+  if [ -z "$USER_DATA" ]; then
+    step "1/5 data: synthesize, validate, partition by image"
+    # --overwrite: an interrupted data step of this run is redone (same seed, same files)
+    $PY -m data_tools.synthesize --out-dir "$IMAGE_FOLDER" --num-images "$IMAGES" --image-size 32 --layout grid \
+      --objects alike --question-types color shape count presence caption --seed "$SEED" --overwrite
+  else
+    step "1/5 data: validate $DATA_FILE (images in $IMAGE_FOLDER), partition by image"
+  fi
+  if ! $PY -m data_tools.validate --data "$DATA_FILE" --image-folder "$IMAGE_FOLDER" --report "$OUT/validate_report.json"; then
+    echo "demo.sh: $DATA_FILE has errors (listed above, all in $OUT/validate_report.json): fix them, or drop" \
+         "those samples with python -m data_tools.validate ... --write-clean clean.json and pass --data clean.json" >&2
+    exit 1
+  fi
+  # Stratified by a field (a missing field is one stratum): each class or scene in every split in proportion.
+  $PY -m data_tools.partition --data "$DATA_FILE" --image-folder "$IMAGE_FOLDER" --out-dir "$SETS" --seed "$SEED" \
+    --stratify "$STRATIFY"
+  mark_done data
 fi
-# Stratified by a field (a missing field is one stratum): each class or scene in every split in proportion.
-$PY -m data_tools.partition --data "$DATA_FILE" --image-folder "$IMAGE_FOLDER" --out-dir "$SETS" --seed "$SEED" \
-  --stratify "$STRATIFY"
 
 COMMON=(--data_path "$SETS/data_train.json" --eval_data_path "$SETS/data_val.json" --image_folder "$IMAGE_FOLDER"
         --image_aspect_ratio pad --report_to none --seed "$SEED"
-        --dataloader_num_workers 1 --logging_steps 25 --logging_first_step True --save_strategy no)
-if [ -z "$LLM" ]; then
+        --dataloader_num_workers 1 --logging_steps 25 --logging_first_step True)
+# A finished training run has its trainer_state.json (train/run_dir.py refuses to train it again); an
+# interrupted one resumes from its newest checkpoint when rerun with the same flags.
+if [ -f "$MODEL/trainer_state.json" ]; then
+  step "2/5 train: done in an earlier run ($MODEL)"
+elif [ -z "$LLM" ]; then
   step "2/5 train (from-scratch variant: tiny random LLM + tower, every part trained)"
   echo "No pretrained weights here, so the tower, the projector and the LLM all train from scratch."
   echo "With real weights the GPU scripts run the two-stage recipe instead:"
@@ -97,35 +112,53 @@ if [ -z "$LLM" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   # On your data the tokenizer learns the training split's own words: an answer is a token, not letters.
   TOKENIZER_FROM=(); [ -z "$USER_DATA" ] || TOKENIZER_FROM=(--tokenizer-from "$SETS/data_train.json")
-  $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size "$IMAGE_SIZE" \
-    --patch-size 16 --vision-hidden 64 --vision-layers 2 --seed "$SEED" "${TOKENIZER_FROM[@]}" \
-    >/dev/null
-  NUM_GPUS=1 ZERO=zero2 MASTER_PORT=${MASTER_PORT:-29511} bash -c 'source scripts/lib/launch.sh; launch "$@"' _ \
+  if ! step_done base; then
+    $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size "$IMAGE_SIZE" \
+      --patch-size 16 --vision-hidden 64 --vision-layers 2 --seed "$SEED" "${TOKENIZER_FROM[@]}" \
+      >/dev/null
+    mark_done base
+  fi
+  # A checkpoint every quarter of the run (the newest kept) for a rerun to resume from; the port is a free one.
+  NUM_GPUS=1 ZERO=zero2 bash -c 'source scripts/lib/launch.sh; launch "$@"' _ \
     --model_name_or_path "$OUT/base/llm" --vision_tower "$OUT/base/clip" --version tinyllama \
     --mm_projector_type mlp2x_gelu --mm_vision_select_layer -2 --unfreeze_mm_vision_tower True \
     --output_dir "$MODEL" --max_steps "$STEPS" --per_device_train_batch_size 32 --per_device_eval_batch_size 64 \
     --learning_rate 1e-3 --warmup_ratio 0.05 --lr_scheduler_type cosine --weight_decay 0. --packing True \
-    --eval_strategy steps --eval_steps $(( STEPS / 2 )) "${COMMON[@]}"
+    --eval_strategy steps --eval_steps $(( STEPS / 2 )) --save_strategy steps \
+    --save_steps $(( STEPS >= 4 ? STEPS / 4 : 1 )) --save_total_limit 1 "${COMMON[@]}"
 else
   step "2/5 train: the two-stage recipe on real weights ($LLM + $TOWER)"
-  LLM="$LLM" VISION_TOWER="$TOWER" DATA="$SETS/data_train.json" IMAGES="$IMAGE_FOLDER" OUT="$OUT/stage1" \
-    bash scripts/pretrain.sh --num_train_epochs 1 --per_device_train_batch_size 16 --save_strategy no
+  if [ ! -f "$OUT/stage1/trainer_state.json" ]; then
+    LLM="$LLM" VISION_TOWER="$TOWER" DATA="$SETS/data_train.json" IMAGES="$IMAGE_FOLDER" OUT="$OUT/stage1" \
+      bash scripts/pretrain.sh --num_train_epochs 1 --per_device_train_batch_size 16 --save_strategy no
+  fi
   LLM="$LLM" VISION_TOWER="$TOWER" PROJECTOR="$OUT/stage1" DATA="$SETS/data_train.json" \
     EVAL_DATA="$SETS/data_val.json" IMAGES="$IMAGE_FOLDER" OUT="$MODEL" \
     bash scripts/finetune_lora.sh --num_train_epochs 3 --save_strategy no --eval_strategy epoch
 fi
+if [ ! -f "$MODEL/trainer_state.json" ]; then  # stopped by a signal: launch.sh returns 0 once every rank saved
+  echo "demo.sh: training stopped before its last step; rerun the same command to continue it" >&2
+  exit 1
+fi
 
+elapsed() { echo $(( $(date +%s) - start )); }
+if step_done report; then
+  step "3/5 to 5/5 generate, score, report: done in an earlier run"
+  echo "report: $OUT/report.md   metrics: $OUT/metrics.json"
+  exit 0
+fi
 step "3/5 generate on the test split (batched), then the blind control (blank images)"
+# eval.generate itself continues an interrupted file (ids already written are skipped).
 $PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$IMAGE_FOLDER" \
   --out "$OUT/preds.jsonl" --batch-size 64 --max-new-tokens 24
 $PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$IMAGE_FOLDER" \
   --out "$OUT/preds_blind.jsonl" --batch-size 64 --max-new-tokens 24 --blank-images
 
-elapsed() { echo $(( $(date +%s) - start )); }
 if [ -n "$USER_DATA" ]; then
   step "4/5 score, with the blind control and the majority class (from the training split)"
   $PY -m eval.score "$OUT/preds.jsonl" --blind "$OUT/preds_blind.jsonl" --train-data "$SETS/data_train.json" \
     --model-path "$MODEL" "${GROUP_BY[@]}" --out "$OUT"
+  mark_done report
   step "5/5 report"
   echo "report: $OUT/report.md   metrics: $OUT/metrics.json   ($(elapsed)s)"
   exit 0
@@ -137,4 +170,5 @@ $PY -m eval.demo_report --preds "$OUT/preds.jsonl" --blind-preds "$OUT/preds_bli
   --train "$SETS/data_train.json" --trainer-state "$MODEL/trainer_state.json" --model-config "$MODEL/config.json" \
   --caption-metrics "$OUT/scores/metrics.json" --leakage "$SETS/leakage_report.json" \
   --note "Finished in $(elapsed)s (seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"
+mark_done report
 echo "report: $OUT/report.md   metrics: $OUT/metrics.json   ($(elapsed)s)"

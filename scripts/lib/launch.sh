@@ -1,12 +1,29 @@
 # Shared by the training scripts: launch train_mem.py with DeepSpeed on this machine or, with
 # HOSTFILE set, on every node it lists ("node1 slots=8" per line; passwordless ssh between nodes).
 #   NUM_GPUS   GPUs on this machine (default: all)        HOSTFILE  several nodes
-#   MASTER_PORT (default 29500)                           ZERO      zero2 | zero3 | zero3_offload
+#   MASTER_PORT (default: a free one, see free_port)      ZERO      zero2 | zero3 | zero3_offload
 #   ENTRY      the training script (default llava_tiny/train/train_mem.py; dpo.sh: train_dpo.py)
+
+# A TCP port that nothing on this machine listens on now: the kernel's pick for port 0, a random port of
+# its ephemeral range. A fixed default (DeepSpeed's 29500, the demo's old 29511) killed the second job
+# started on a machine, after minutes of start-up, with EADDRINUSE. The port is free when picked, not
+# reserved: another process could bind it before rank 0 does (seconds later; after DeepSpeed's op build
+# on a first CPU run). We accept that race rather than retry: two jobs picking at once get different
+# random ports, fixed-port jobs sit below the ephemeral range, and if it ever hits, the job stops with
+# EADDRINUSE and the same command, rerun, resumes from the last checkpoint. With HOSTFILE the port must
+# be free on the first node listed (the master): start there, as the README says, or set MASTER_PORT.
+free_port() {
+  python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
+}
+
 launch() {
-  local root
+  local root port=${MASTER_PORT:-}
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-  local args=(--master_port "${MASTER_PORT:-29500}")
+  if [ -z "$port" ]; then
+    port=$(free_port)
+    echo "launch: MASTER_PORT not set; using port $port (free on this machine)" >&2
+  fi
+  local args=(--master_port "$port")
   if [ -n "${HOSTFILE:-}" ]; then
     args+=(--hostfile "$HOSTFILE")
   elif [ -n "${NUM_GPUS:-}" ]; then
