@@ -13,6 +13,7 @@ import os
 from collections import Counter
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from ..checks import check_length, check_samples, duplicate_problems
@@ -58,16 +59,8 @@ class LazySupervisedDataset(Dataset):
             logger.warning("%s: %d of %d records are a formatted 'text': every token of them is trained, the prompts "
                            "too; records with 'messages' (or LLaVA 'conversations') train on the answers only",
                            data_path, texts, len(samples))
-        # The quick image check (headers; JPEGs at 1/8 scale): a full decode happens when an item is used.
-        checked = check_samples(samples, file=data_path, image_folder=image_folder,
-                                allow_outside=allow_images_outside_folder, images="header")
-        problems = checked.first_error_by_sample()
         _warn_repeated_records(duplicate_problems(samples, data_path), data_path)
-        if image_processor is None:  # a text-only run
-            problems.update({sample_id(s, i): "has an image, but this run has no vision tower (text-only); pass "
-                             "--vision_tower to train on images" for i, s in enumerate(samples)
-                             if sample_images(s) and sample_id(s, i) not in problems})
-        problems.update(self._unfit_samples(samples, problems))
+        problems = self._find_problems(samples)
         if problems:
             listing = "\n".join(f"  {sid}: {why}" for sid, why in list(problems.items())[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -104,6 +97,31 @@ class LazySupervisedDataset(Dataset):
             listing = "\n".join(f"  {sid}: {why}" for sid, why in new.items())
             raise BadSamplesError(f"{self.data_path}: {len(self.skipped)} of {self.num_records} samples are bad, more "
                                   f"than {self.max_bad_sample_fraction:.1%}; stopping. Found during training:\n{listing}")
+
+    def _find_problems(self, samples: list[dict]) -> dict[str, str]:
+        """{sample id: its first problem} for every sample that cannot be used, in the file's order. With several
+        processes each checks every world_size-th record and the shares are merged, so each rank does 1/world_size
+        of the work (8 ranks on a node checked the same records 8 times) and all get the same answer."""
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+            else (0, 1)
+        mine = range(rank, len(samples), world)
+        # A share's records keep the names they have in the whole file (an id-less record is named by its index).
+        share = [samples[i] if world == 1 or "id" in samples[i] else {**samples[i], "id": sample_id(samples[i], i)}
+                 for i in mine]
+        # The quick image check (headers; JPEGs at 1/8 scale): a full decode happens when an item is used.
+        problems = check_samples(share, file=self.data_path, image_folder=self.image_folder,
+                                 allow_outside=self.allow_outside, images="header").first_error_by_sample()
+        if self.image_processor is None:  # a text-only run
+            problems.update({sample_id(s, i): "has an image, but this run has no vision tower (text-only); pass "
+                             "--vision_tower to train on images" for i, s in enumerate(share)
+                             if sample_images(s) and sample_id(s, i) not in problems})
+        problems.update(self._unfit_samples(share, problems))
+        if world == 1:
+            return problems
+        shares = [None] * world
+        dist.all_gather_object(shares, problems)
+        merged = {sid: why for found in shares for sid, why in found.items()}
+        return {sid: merged[sid] for sid in (sample_id(s, i) for i, s in enumerate(samples)) if sid in merged}
 
     def _unfit_samples(self, samples, known) -> dict[str, str]:
         """Samples that tokenizing refuses or that cannot fit model_max_length (labels would be all -100)."""
