@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from .conversation import IMAGE_TOKEN, get_template, marker_problem, stop_token_ids, tokenize_prompt
+from .decoding import decode_answer
 from .images import image_settings, preprocess_images
 from .model.modeling import image_seq_length, unwrap_model
 
@@ -105,7 +106,7 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
     in prompt order, and LLaVA fills the placeholders in that same order.
     """
     stops = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
-    return [loaded.tokenizer.decode(_cut_at_stop(row, stops), skip_special_tokens=True).strip()
+    return [decode_answer(loaded.tokenizer, _cut_at_stop(row, stops))
             for row in generate_ids(loaded, prompts, settings, conv_mode)]
 
 

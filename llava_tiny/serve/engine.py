@@ -29,6 +29,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from ..conversation import stop_token_ids
+from ..decoding import decode_answer
 from ..inference import GenerationSettings, Prompt, generate_ids, template_name
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class _Row:
         self.follows_text = request.stream or bool(request.sampling.stop)
 
     def text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return decode_answer(self.tokenizer, ids)  # never ends in a character cut by max_tokens
 
     def add(self, token: int) -> None:
         """Take the row's next token; send the text that can no longer change."""
