@@ -201,22 +201,28 @@ class SampleChecks:
 
 
 def check_samples(samples: list[dict], *, file: str | None = None, image_folder: str | None = None,
-                  allow_outside: bool = False, images: str | None = "full", workers: int | None = None) -> SampleChecks:
+                  allow_outside: bool = False, images: str | None = "full", workers: int | None = None,
+                  image_facts: dict[str, ImageFacts] | None = None) -> SampleChecks:
     """Every rule except the length one, for every record; image files are opened in parallel threads.
 
     `images`: None (no file access), "header" (quick check, see `inspect_image`) or "full" (decode).
+    `image_facts`: what earlier calls found (path -> facts), read and extended, so records checked in
+    chunks open each image once.
     """
     if images not in IMAGE_CHECKS:
         raise ValueError(f"images={images!r}; expected one of {IMAGE_CHECKS}")
     result = SampleChecks()
     uses: list[tuple[int, str, str]] = []  # (index, relative path, resolved path)
+    resolved_paths: dict = {}  # a path repeats across records (LLaVA's mix: one image, several sources)
     for index, sample in enumerate(samples):
         sid = sample_id(sample, index)
         found = record_problems(sample)
         if not any(kind == "bad_image_field" for kind, _ in found):
             resolved = []
             for rel in sample_images(sample):
-                path, path_problems = image_path_problems(rel, image_folder, allow_outside)
+                if rel not in resolved_paths:
+                    resolved_paths[rel] = image_path_problems(rel, image_folder, allow_outside)
+                path, path_problems = resolved_paths[rel]
                 found += path_problems
                 if path is not None:
                     resolved.append(path)
@@ -224,9 +230,12 @@ def check_samples(samples: list[dict], *, file: str | None = None, image_folder:
             result.paths[index] = resolved
         result.problems += [Problem(index, sid, kind, message, file) for kind, message in found]
     if images is not None:
+        known = image_facts if image_facts is not None else {}
         distinct = list(dict.fromkeys(path for _, _, path in uses))
+        new = [path for path in distinct if path not in known]
         with ThreadPoolExecutor(workers or min(32, 2 * (os.cpu_count() or 1))) as pool:
-            result.images = dict(zip(distinct, pool.map(lambda p: inspect_image(p, images == "full"), distinct)))
+            known.update(zip(new, pool.map(lambda p: inspect_image(p, images == "full"), new)))
+        result.images = {path: known[path] for path in distinct}
         hints = 0
         for index, rel, path in uses:
             facts = result.images[path]
@@ -249,22 +258,33 @@ def duplicate_problems(samples: list[dict], file: str | None = None) -> list[Pro
     """Records that repeat an earlier record's id, or its images and conversation: warnings, in training as in
     `data_tools.validate`. Repeating a record is how a mixture weights a source, so each is trained on as often
     as it appears; a repeated id makes the reports that name samples by id (skipped, NaN steps) ambiguous."""
-    problems: list[Problem] = []
-    first_with_id: dict[str, int] = {}
-    first_with_content: dict[bytes, int] = {}  # a digest per record: flat memory up to LLaVA's 665k records
-    for index, sample in enumerate(samples):
+    finder = RepeatFinder(file)
+    return [problem for index, sample in enumerate(samples) for problem in finder.add(sample, index)]
+
+
+class RepeatFinder:
+    """`duplicate_problems` one record at a time (records read as a stream): `add` gives the record's warnings."""
+
+    def __init__(self, file: str | None = None):
+        self.file = file
+        self.first_with_id: dict[str, int] = {}
+        self.first_with_content: dict[bytes, tuple[int, str]] = {}  # a digest per record: flat memory at 665k
+
+    def add(self, sample: dict, index: int) -> list[Problem]:
+        problems = []
         sid = sample_id(sample, index)
-        if sample.get("id") not in (None, "") and first_with_id.setdefault(sid, index) != index:
-            problems.append(Problem(index, sid, "duplicate_id", f"id already used by record {first_with_id[sid]}; "
-                                                                 "expected unique ids (reports name samples by id)", file))
+        if sample.get("id") not in (None, "") and self.first_with_id.setdefault(sid, index) != index:
+            problems.append(Problem(index, sid, "duplicate_id", f"id already used by record {self.first_with_id[sid]}; "
+                                                                 "expected unique ids (reports name samples by id)",
+                                    self.file))
         content = json.dumps([sample_images(sample), sample.get("conversations"), *map(sample.get, CONTENT_FIELDS)],
                              sort_keys=True, ensure_ascii=False, default=str)
-        first = first_with_content.setdefault(hashlib.blake2b(content.encode(), digest_size=16).digest(), index)
+        first, first_id = self.first_with_content.setdefault(hashlib.blake2b(content.encode(), digest_size=16).digest(),
+                                                             (index, sid))
         if first != index:
             problems.append(Problem(index, sid, "duplicate_sample", f"same image(s) and conversation as sample "
-                                    f"{sample_id(samples[first], first)!r} (record {first}); trained on as often as "
-                                    "it appears", file))
-    return problems
+                                    f"{first_id!r} (record {first}); trained on as often as it appears", self.file))
+        return problems
 
 
 @dataclass(frozen=True)
@@ -288,6 +308,10 @@ def check_length(sample: dict, sid: str, tokenizer, template: str, num_image_tok
             return LengthCheck(None, problem=("bad_conversations", without_sample_name(str(err), sid)))
         if bound is not None and bound <= model_max_length:
             return LengthCheck(None)
+        first_turn = _first_turn_only(sample)
+        if first_turn is not None:  # later turns are only truncated: tokenizing the first is enough, and cheaper
+            checked = check_length(first_turn, sid, tokenizer, template, num_image_tokens, model_max_length)
+            return LengthCheck(None, problem=checked.problem)
     if is_preference_record(sample):
         try:
             pair = tokenize_preference(sample, tokenizer, template, num_image_tokens, sample_id=sid)
@@ -309,3 +333,14 @@ def check_length(sample: dict, sid: str, tokenizer, template: str, num_image_tok
     except SampleTooLongError as err:
         return LengthCheck(length, problem=("too_long", without_sample_name(str(err), sid)))
     return LengthCheck(length, fitted.dropped_turns)
+
+
+def _first_turn_only(sample: dict) -> dict | None:
+    """`sample` cut to its first question and answer, when that is where all its images are (None otherwise)."""
+    turns = sample.get("conversations")
+    if record_format(sample) != "conversations" or not isinstance(turns, list) or len(turns) <= 2:
+        return None
+    first = turns[0].get("value") if isinstance(turns[0], dict) else None
+    if not isinstance(first, str) or first.count(IMAGE_TOKEN) != len(sample_images(sample)):
+        return None
+    return {**sample, "conversations": turns[:2]}

@@ -1,7 +1,7 @@
 """The check before training, shared between processes (each checks every world_size-th record, then the
 shares are merged through torch.distributed, gloo, two real processes): the same samples named unusable, in
 the file's order, the same training ids and the same lengths for the length-grouped sampler as one process
-that checks everything."""
+that checks everything; and the same again when both read the check's cache at a warm start."""
 import json
 import os
 import socket
@@ -37,18 +37,22 @@ def _write_data(root) -> str:
     return path
 
 
-def _dataset(llm, data_path, root):
+def _dataset(llm, data_path, root, cache="none", skip=True):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from llava_tiny.conversation import prepare_tokenizer
-    from llava_tiny.train.dataset import LazySupervisedDataset
+    from llava_tiny.train.dataset import BadSamplesError, LazySupervisedDataset
 
     tokenizer = AutoTokenizer.from_pretrained(llm["llm"])
     prepare_tokenizer(tokenizer, "v1")
-    dataset = LazySupervisedDataset(data_path, tokenizer, AutoImageProcessor.from_pretrained(llm["clip"]), "v1", 4,
-                                    image_folder=root, model_max_length=96, skip_bad_samples=True,
-                                    max_bad_sample_fraction=1.0)
-    return {"skipped": list(dataset.skipped.items()), "ids": dataset.ids, "lengths": dataset.modality_lengths}
+    try:
+        dataset = LazySupervisedDataset(data_path, tokenizer, AutoImageProcessor.from_pretrained(llm["clip"]), "v1", 4,
+                                        image_folder=root, model_max_length=96, skip_bad_samples=skip,
+                                        max_bad_sample_fraction=1.0, data_cache_dir=cache)
+    except BadSamplesError as err:
+        return {"error": str(err)}
+    return {"skipped": list(dataset.skipped.items()), "ids": dataset.ids, "lengths": dataset.modality_lengths,
+            "first": dataset[0]["input_ids"].tolist()}
 
 
 def _rank(rank, port, parts, data_path, root, out):
@@ -61,8 +65,12 @@ def _rank(rank, port, parts, data_path, root, out):
     dataset.check_samples = lambda samples, **kwargs: checked.extend(samples) or check_samples(samples, **kwargs)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
+        cache = os.path.join(out, "cache")
+        cold = {**_dataset(parts, data_path, root, cache), "checked": len(checked)}
+        warm = {**_dataset(parts, data_path, root, cache), "checked": len(checked)}  # the cache both wrote/read
+        stops = _dataset(parts, data_path, root, cache, skip=False)
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump({**_dataset(parts, data_path, root), "checked": len(checked)}, f)
+            json.dump({"cold": cold, "warm": warm, "stops": stops}, f)
     finally:
         dist.destroy_process_group()
 
@@ -79,8 +87,12 @@ def test_two_processes_name_the_same_bad_samples_as_one(tmp_path, tiny_parts):
     assert "missing" in why["s3"] and "model_max_length" in why["s4"] and "#23" in why and "#1" not in why
     file_order = [sample_id(s, i) for i, s in enumerate(json.load(open(data_path)))]
     for rank in range(2):
-        shared = json.load(open(os.path.join(root, f"rank{rank}.json")))
-        assert dict(shared["skipped"]) == why
-        assert [sid for sid, _ in shared["skipped"]] == [sid for sid in file_order if sid in why]  # the file's order
-        assert shared["ids"] == alone["ids"] and shared["lengths"] == alone["lengths"]
-        assert shared["checked"] == 13 - rank  # every other record of 25
+        runs = json.load(open(os.path.join(root, f"rank{rank}.json")))
+        for shared in runs["cold"], runs["warm"]:
+            assert dict(shared["skipped"]) == why
+            assert [sid for sid, _ in shared["skipped"]] == [sid for sid in file_order if sid in why]  # file order
+            assert shared["ids"] == alone["ids"] and shared["lengths"] == alone["lengths"]
+            assert shared["first"] == alone["first"]
+            assert shared["checked"] == 13 - rank  # every other record of 25, once: the warm start checks none
+        # Without --skip_bad_samples the run stops before step 1 naming the file and the samples, cache or not.
+        assert data_path in runs["stops"]["error"] and "s3: image 'images/missing.png' missing" in runs["stops"]["error"]

@@ -54,6 +54,7 @@ class DataArguments:
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip missing/corrupt images and unfit samples (listed in output_dir) instead of stopping."})
     allow_images_outside_folder: bool = field(default=False, metadata={"help": "Allow image paths with ../ or absolute paths."})
     max_bad_sample_fraction: float = field(default=0.01, metadata={"help": "With --skip_bad_samples, stop when more than this fraction is bad."})
+    data_cache_dir: str | None = field(default=None, metadata={"help": "Where the check before training is remembered (a warm start skips it): default .llava_tiny_cache/ beside the data, else ~/.cache/llava_tiny; 'none' turns it off."})
 
 
 @dataclass

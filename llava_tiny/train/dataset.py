@@ -3,7 +3,8 @@ batches them.
 
 Samples are checked before training starts (`llava_tiny.checks`: the record's rules, image existence
 and header in parallel, the length), so a bad sample stops the run in seconds with the list of
-samples, not hours later.
+samples, not hours later. The check's result is cached (`check_cache`: a warm start with nothing changed
+reads it) and the records stay in the file, read per item (`record_store`).
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from ..checks import check_length, check_samples, duplicate_problems
+from ..checks import RepeatFinder, check_length, check_samples
 from ..conversation import IGNORE_INDEX, tokenize_sample
-from ..data import load_samples, record_format, sample_id, sample_images  # noqa: F401 (re-exported)
+from ..data import load_samples, normalise_record, record_format, sample_id, sample_images  # noqa: F401 (re-exported)
 from ..images import load_image, preprocess_images, resolve_image_path
+from . import check_cache
+from .check_cache import CheckResult
+from .record_store import RecordStore, iter_records
 
 logger = logging.getLogger(__name__)
+_CHUNK = 20_000  # records checked at a time: the check's memory stays flat with the file's size
 
 
 class BadSamplesError(ValueError):
@@ -38,7 +43,8 @@ class LazySupervisedDataset(Dataset):
     def __init__(self, data_path: str, tokenizer, image_processor, template: str, num_image_tokens: int,
                  image_folder: str | None = None, image_aspect_ratio: str = "pad", model_max_length: int = 2048,
                  skip_bad_samples: bool = False, allow_images_outside_folder: bool = False,
-                 max_bad_sample_fraction: float = 0.01, report_dir: str | None = None, image_background: str = "white"):
+                 max_bad_sample_fraction: float = 0.01, report_dir: str | None = None, image_background: str = "white",
+                 data_cache_dir: str | None = None):
         self.data_path = data_path
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -52,29 +58,114 @@ class LazySupervisedDataset(Dataset):
         self.skip_bad_samples = skip_bad_samples
         self.max_bad_sample_fraction = max_bad_sample_fraction
         self.report_dir = report_dir
-        samples = load_samples(data_path)
-        self.num_records = len(samples)
-        texts = sum(1 for sample in samples if record_format(sample) == "text")
-        if texts:
+        found = self._checked(data_path, data_cache_dir)
+        self.num_records = len(found.ids)
+        if found.texts:
             logger.warning("%s: %d of %d records are a formatted 'text': every token of them is trained, the prompts "
                            "too; records with 'messages' (or LLaVA 'conversations') train on the answers only",
-                           data_path, texts, len(samples))
-        _warn_repeated_records(duplicate_problems(samples, data_path), data_path)
-        problems = self._find_problems(samples)
+                           data_path, found.texts, self.num_records)
+        _warn_repeated_records(found, data_path)
+        problems = found.problems
         if problems:
             listing = "\n".join(f"  {sid}: {why}" for sid, why in list(problems.items())[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            summary = f"{data_path}: {len(problems)} of {len(samples)} samples cannot be used:\n{listing}{more}"
+            summary = f"{data_path}: {len(problems)} of {self.num_records} samples cannot be used:\n{listing}{more}"
             if not skip_bad_samples:
                 raise BadSamplesError(summary + "\nFix them (python -m data_tools.validate) or pass --skip_bad_samples")
-            if len(problems) > max_bad_sample_fraction * len(samples):
+            if len(problems) > max_bad_sample_fraction * self.num_records:
                 raise BadSamplesError(summary + f"\nmore than {max_bad_sample_fraction:.1%} of the data is bad; stopping")
             logger.warning("%s\nskipping them (--skip_bad_samples)", summary)
-        self.samples = [s for i, s in enumerate(samples) if sample_id(s, i) not in problems]
-        self.ids = [sample_id(s, i) for i, s in enumerate(samples) if sample_id(s, i) not in problems]
-        self.skipped = problems
+        keep = [i for i, sid in enumerate(found.ids) if sid not in problems]
+        # Records stay in the file (byte ranges, read per item): flat memory per rank up to LLaVA's 665k.
+        self.samples = RecordStore(data_path, found.starts, found.ends).select(keep)
+        self.ids = [found.ids[i] for i in keep]
+        self._lengths = [found.lengths[i] for i in keep]
+        self.skipped = dict(problems)
         if problems:
             self._write_skipped_report("skipped_samples.json")
+
+    def _check_settings(self) -> dict:
+        """What the check's result depends on besides the data file and the tokenizer (`check_cache.check_key`)."""
+        return {"kind": type(self).__name__, "template": getattr(self.template, "name", self.template),
+                "template_spec": repr(self.template), "num_image_tokens": self.num_image_tokens,
+                "model_max_length": self.model_max_length, "image_aspect_ratio": self.image_aspect_ratio,
+                "image_folder": os.path.realpath(self.image_folder) if self.image_folder else None,
+                "allow_outside": self.allow_outside, "text_only": self.image_processor is None}
+
+    def _checked(self, data_path: str, data_cache_dir: str | None) -> CheckResult:
+        """The check's result: from the cache when nothing it depends on changed, else checked (and cached).
+        Every process takes the same path (a process that misses makes all of them check, in shares)."""
+        if not os.path.isfile(data_path):
+            load_samples(data_path)  # its "file not found" error
+        where = check_cache.cache_file(data_path, data_cache_dir)
+        key = check_cache.check_key(data_path, self.tokenizer, self._check_settings())
+        found = check_cache.load(where, key)
+        if _world()[1] > 1:
+            hits = [None] * _world()[1]
+            dist.all_gather_object(hits, found is not None)
+            found = found if all(hits) else None
+        if found is not None:
+            logger.info("%s: %d records, checked at an earlier start (%s)", data_path, len(found.ids), where)
+            return found
+        found = self._check(data_path)
+        if int(os.environ.get("LOCAL_RANK", _world()[0])) == 0:
+            check_cache.save(where, key, found)
+        return found
+
+    def _check(self, data_path: str) -> CheckResult:
+        """Read the file once (streaming) and check it. With several processes each checks every world_size-th
+        record and the shares are merged, so each rank does 1/world_size of the work (8 ranks on a node checked
+        the same records 8 times) and all get the same answer: problems in the file's order, every length."""
+        rank, world = _world()
+        found, share, mine = CheckResult(), [], {"problems": {}, "lengths": [], "images": {}}
+        repeats, repeated, facts = RepeatFinder(data_path) if rank == 0 else None, [], {}
+        for index, (start, end, record) in enumerate(iter_records(data_path)):
+            sample = normalise_record(record)
+            sid = sample_id(sample, index)
+            found.starts.append(start)
+            found.ends.append(end)
+            found.ids.append(sid)
+            found.texts += record_format(sample) == "text"
+            if repeats is not None:
+                repeated += repeats.add(sample, index)
+            if index % world == rank:
+                # A share's records keep the names they have in the whole file (an id-less record: its index).
+                share.append(sample if sample.get("id") is not None else {**sample, "id": sid})
+                if len(share) == _CHUNK:
+                    self._check_share(share, mine, facts)
+                    share = []
+        self._check_share(share, mine, facts)
+        shares = [mine]
+        if world > 1:
+            shares = [None] * world
+            dist.all_gather_object(shares, mine)
+        found.lengths = [0] * len(found.ids)
+        for r, checked in enumerate(shares):
+            found.lengths[r::world] = checked["lengths"]
+            found.images.update(checked["images"])
+        merged = {sid: why for checked in shares for sid, why in checked["problems"].items()}
+        found.problems = {sid: merged[sid] for sid in found.ids if sid in merged}
+        found.repeated = sorted(Counter(p.kind for p in repeated).items())
+        found.repeated_examples = [f"sample {p.sample_id!r}: {p.message}" for p in repeated[:3]]
+        return found
+
+    def _check_share(self, share: list[dict], mine: dict, facts: dict) -> None:
+        """Check some records of this process's share; add their problems, lengths and images' state to `mine`."""
+        if not share:
+            return
+        # The quick image check (headers; JPEGs at 1/8 scale): a full decode happens when an item is used.
+        checked = check_samples(share, file=self.data_path, image_folder=self.image_folder,
+                                allow_outside=self.allow_outside, images="header", image_facts=facts)
+        problems = checked.first_error_by_sample()
+        if self.image_processor is None:  # a text-only run
+            problems.update({sample_id(s, i): "has an image, but this run has no vision tower (text-only); pass "
+                             "--vision_tower to train on images" for i, s in enumerate(share)
+                             if sample_images(s) and sample_id(s, i) not in problems})
+        problems.update(self._unfit_samples(share, problems))
+        mine["problems"].update(problems)
+        mine["images"].update({path: check_cache.image_state(path) for path in checked.images
+                               if path not in mine["images"]})
+        mine["lengths"] += [0 if sample_id(s, i) in problems else self._modality_length(s) for i, s in enumerate(share)]
 
     def _write_skipped_report(self, name: str) -> None:
         if self.report_dir:
@@ -98,31 +189,6 @@ class LazySupervisedDataset(Dataset):
             raise BadSamplesError(f"{self.data_path}: {len(self.skipped)} of {self.num_records} samples are bad, more "
                                   f"than {self.max_bad_sample_fraction:.1%}; stopping. Found during training:\n{listing}")
 
-    def _find_problems(self, samples: list[dict]) -> dict[str, str]:
-        """{sample id: its first problem} for every sample that cannot be used, in the file's order. With several
-        processes each checks every world_size-th record and the shares are merged, so each rank does 1/world_size
-        of the work (8 ranks on a node checked the same records 8 times) and all get the same answer."""
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
-        mine = range(rank, len(samples), world)
-        # A share's records keep the names they have in the whole file (an id-less record is named by its index).
-        share = [samples[i] if world == 1 or "id" in samples[i] else {**samples[i], "id": sample_id(samples[i], i)}
-                 for i in mine]
-        # The quick image check (headers; JPEGs at 1/8 scale): a full decode happens when an item is used.
-        problems = check_samples(share, file=self.data_path, image_folder=self.image_folder,
-                                 allow_outside=self.allow_outside, images="header").first_error_by_sample()
-        if self.image_processor is None:  # a text-only run
-            problems.update({sample_id(s, i): "has an image, but this run has no vision tower (text-only); pass "
-                             "--vision_tower to train on images" for i, s in enumerate(share)
-                             if sample_images(s) and sample_id(s, i) not in problems})
-        problems.update(self._unfit_samples(share, problems))
-        if world == 1:
-            return problems
-        shares = [None] * world
-        dist.all_gather_object(shares, problems)
-        merged = {sid: why for found in shares for sid, why in found.items()}
-        return {sid: merged[sid] for sid in (sample_id(s, i) for i, s in enumerate(samples)) if sid in merged}
-
     def _unfit_samples(self, samples, known) -> dict[str, str]:
         """Samples that tokenizing refuses or that cannot fit model_max_length (labels would be all -100)."""
         unfit = {}
@@ -140,14 +206,15 @@ class LazySupervisedDataset(Dataset):
 
     @property
     def modality_lengths(self) -> list[int]:
-        """LLaVA's length proxy: words (+ image tokens), negative for text-only samples."""
-        lengths = []
-        for sample in self.samples:
-            turns = [{"value": sample["text"]}] if record_format(sample) == "text" else sample["conversations"]
-            words = sum(len(turn["value"].split()) for turn in turns)
-            n_images = len(sample_images(sample))
-            lengths.append(words + n_images * self.num_image_tokens if n_images else -words)
-        return lengths
+        """LLaVA's length proxy per sample (`_modality_length`), found by the check before training."""
+        return self._lengths
+
+    def _modality_length(self, sample: dict) -> int:
+        """Words (+ image tokens), negative for text-only samples."""
+        turns = [{"value": sample["text"]}] if record_format(sample) == "text" else sample["conversations"]
+        words = sum(len(turn["value"].split()) for turn in turns)
+        n_images = len(sample_images(sample))
+        return words + n_images * self.num_image_tokens if n_images else -words
 
     def __getitem__(self, index: int) -> dict:
         if not self.skip_bad_samples:
@@ -190,13 +257,19 @@ class LazySupervisedDataset(Dataset):
         return preprocess_images(images, self.image_processor, self.image_aspect_ratio, self.image_background)
 
 
-def _warn_repeated_records(repeated, data_path: str) -> None:
+def _world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _warn_repeated_records(found: CheckResult, data_path: str) -> None:
     """Repeated records are trained on as they are (`checks.duplicate_problems`), and said once."""
-    if repeated:
-        kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(Counter(p.kind for p in repeated).items()))
+    if found.repeated:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in found.repeated)
         logger.warning("%s: %s (each record is trained on as often as it appears; python -m data_tools.validate "
-                       "lists them), e.g. %s", data_path, kinds,
-                       "; ".join(f"sample {p.sample_id!r}: {p.message}" for p in repeated[:3]))
+                       "lists them), e.g. %s", data_path, kinds, "; ".join(found.repeated_examples))
 
 
 class CollatorWithSkippedSamples:

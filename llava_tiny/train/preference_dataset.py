@@ -27,17 +27,13 @@ class PreferenceDataset(LazySupervisedDataset):
                 not_pairs[sample_id(sample, i)] = NOT_A_PAIR
         return {**not_pairs, **super()._unfit_samples(samples, {**known, **not_pairs})}
 
-    @property
-    def modality_lengths(self) -> list[int]:
+    def _modality_length(self, sample: dict) -> int:
         """Words of the earlier turns, the prompt and the longer answer (+ image tokens); negative when text-only."""
-        lengths = []
-        for sample in self.samples:
-            parts = preference_parts(sample)
-            words = sum(len(str(text).split()) for text in [*(t["value"] for t in parts.history), parts.prompt,
-                                                             max(parts.chosen, parts.rejected, key=len)])
-            n_images = len(sample_images(sample))
-            lengths.append(words + n_images * self.num_image_tokens if n_images else -words)
-        return lengths
+        parts = preference_parts(sample)
+        words = sum(len(str(text).split()) for text in [*(t["value"] for t in parts.history), parts.prompt,
+                                                         max(parts.chosen, parts.rejected, key=len)])
+        n_images = len(sample_images(sample))
+        return words + n_images * self.num_image_tokens if n_images else -words
 
     def _load_item(self, index: int) -> dict:
         sample, sid = self.samples[index], self.ids[index]

@@ -81,7 +81,8 @@ def make_datasets(loaded, args: RunArguments, dataset_class=LazySupervisedDatase
             image_folder=data_args.image_folder, image_aspect_ratio=data_args.image_aspect_ratio,
             image_background=data_args.image_background, model_max_length=training_args.model_max_length,
             skip_bad_samples=data_args.skip_bad_samples, allow_images_outside_folder=data_args.allow_images_outside_folder,
-            max_bad_sample_fraction=data_args.max_bad_sample_fraction, report_dir=training_args.output_dir)
+            max_bad_sample_fraction=data_args.max_bad_sample_fraction, report_dir=training_args.output_dir,
+            data_cache_dir=data_args.data_cache_dir)
 
     return dataset(data_args.data_path), dataset(data_args.eval_data_path) if data_args.eval_data_path else None
 
