@@ -49,20 +49,26 @@ def template_name(loaded, conv_mode: str | None = None) -> str:
 def build_prompt(loaded, question: str, images: list[Image.Image] = (), history: list[tuple[str, str]] = (),
                  conv_mode: str | None = None, system: str | None = None) -> Prompt:
     """A `Prompt` for `question` after `history` turns (`system`: a sample's own system message, which replaces
-    the template's); checks `<image>` markers against `images`.
+    the template's); checks `<image>` markers against `images` (`checked_prompt`)."""
+    return checked_prompt(loaded.tokenizer, template_name(loaded, conv_mode), image_seq_length(loaded.model),
+                          question, images, history, system)
 
-    A count mismatch would otherwise surface inside the forward as transformers' misleading
+
+def checked_prompt(tokenizer, template, num_image_tokens: int, question: str, images: list[Image.Image] = (),
+                   history: list[tuple[str, str]] = (), system: str | None = None) -> Prompt:
+    """`build_prompt` for a template and image token count already resolved (the serving model resolves
+    them once, `serve.served.ServedModel`).
+
+    A marker/image count mismatch would otherwise surface inside the forward as transformers' misleading
     "Image features and image tokens do not match".
     """
     markers = question.count(IMAGE_TOKEN) + sum(q.count(IMAGE_TOKEN) for q, _ in history)
     mismatch = marker_problem(markers, len(images))
     if mismatch:
         raise ValueError(f"prompt: {mismatch}")
-    num_image_tokens = image_seq_length(loaded.model)
     if images and not num_image_tokens:
         raise ValueError("prompt: images were given, but this model has no vision tower (a text-only model)")
-    ids = tokenize_prompt(question, loaded.tokenizer, template_name(loaded, conv_mode), num_image_tokens,
-                          history=list(history), system=system)
+    ids = tokenize_prompt(question, tokenizer, template, num_image_tokens, history=list(history), system=system)
     return Prompt(input_ids=ids, images=list(images))
 
 
@@ -105,15 +111,16 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
     Image and text-only prompts can share a batch: `pixel_values` holds the images of all prompts
     in prompt order, and LLaVA fills the placeholders in that same order.
     """
-    stops = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
-    return [decode_answer(loaded.tokenizer, _cut_at_stop(row, stops))
-            for row in generate_ids(loaded, prompts, settings, conv_mode)]
+    stops = stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode))
+    return [decode_answer(loaded.tokenizer, _cut_at_stop(row, set(stops)))
+            for row in generate_ids(loaded, prompts, stops, settings)]
 
 
 @torch.inference_mode()
-def generate_ids(loaded, prompts: list[Prompt], settings: GenerationSettings | None = None,
-                 conv_mode: str | None = None, **generate_kwargs) -> list[list[int]]:
-    """The new token ids of each prompt (stop and padding tokens included) from one left-padded `generate` call.
+def generate_ids(loaded, prompts: list[Prompt], stop_ids: list[int], settings: GenerationSettings | None = None,
+                 **generate_kwargs) -> list[list[int]]:
+    """The new token ids of each prompt (stop and padding tokens included) from one left-padded `generate` call
+    that ends a row at any of `stop_ids` (`conversation.stop_token_ids` of the template).
 
     `generate_kwargs` (a streamer, stopping criteria) go to `model.generate`: the serving engine
     streams and stops rows early through them.
@@ -138,8 +145,6 @@ def generate_ids(loaded, prompts: list[Prompt], settings: GenerationSettings | N
         pixels = preprocess_images(images, loaded.image_processor, *image_settings(
             llava.config, settings.image_aspect_ratio, settings.image_background))
         inputs["pixel_values"] = pixels.to(device=device, dtype=dtype)
-    template = template_name(loaded, conv_mode)
-    stop_ids = stop_token_ids(loaded.tokenizer, template)
     sampling = settings.temperature > 0
     decoding = {"do_sample": sampling, "num_beams": settings.num_beams}
     if sampling:
@@ -148,7 +153,7 @@ def generate_ids(loaded, prompts: list[Prompt], settings: GenerationSettings | N
             decoding["top_p"] = settings.top_p
     else:  # stop a saved generation_config's sampling defaults from producing warnings
         decoding.update(temperature=None, top_p=None, top_k=None)
-    output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, eos_token_id=stop_ids,
+    output = model.generate(**inputs, max_new_tokens=settings.max_new_tokens, eos_token_id=list(stop_ids),
                             pad_token_id=pad_id, use_cache=True, **decoding, **generate_kwargs)
     return output[:, input_ids.shape[1]:].tolist()
 

@@ -12,6 +12,7 @@ from PIL import Image
 from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
 from llava_tiny.model.builder import assemble_model, load_pretrained_model
 from llava_tiny.serve.engine import Completion, Engine, Sampling, _settled
+from llava_tiny.serve.served import ServedModel
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def loaded(tmp_path_factory, tiny_parts):
 
 @pytest.fixture(scope="module")
 def engine(loaded):
-    engine = Engine(loaded, max_batch_size=8)
+    engine = Engine(ServedModel.resolve(loaded), max_batch_size=8)
     yield engine
     engine.close()
 
@@ -96,7 +97,7 @@ def test_settled_text_holds_back_what_may_still_change():
 def test_a_burst_of_requests_shares_one_batch_and_a_steady_stream_is_not_held_forever(loaded):
     """The next batch starts once no request arrived for `batch_window` s, at most `max_batch_wait` s after
     the first: clients arriving one after another, each within the window of the last, run together."""
-    engine = Engine(loaded, max_batch_size=16, batch_window=0.3, max_batch_wait=1.5)
+    engine = Engine(ServedModel.resolve(loaded), max_batch_size=16, batch_window=0.3, max_batch_wait=1.5)
     try:
         def send(count, gap):
             done = [threading.Event() for _ in range(count)]
@@ -116,7 +117,7 @@ def test_a_burst_of_requests_shares_one_batch_and_a_steady_stream_is_not_held_fo
 
 
 def test_closed_engine_refuses_requests(loaded):
-    engine = Engine(loaded)
+    engine = Engine(ServedModel.resolve(loaded))
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit(_prompts(loaded)[0], Sampling(), lambda e: None)

@@ -34,6 +34,7 @@ from llava_tiny.model.builder import load_pretrained_model  # noqa: E402
 from llava_tiny.serve import api  # noqa: E402
 from llava_tiny.serve.chat_request import UNSUPPORTED_FIELDS, Limits  # noqa: E402
 from llava_tiny.serve.engine import Engine  # noqa: E402
+from llava_tiny.serve.served import ServedModel  # noqa: E402
 from llava_tiny.serve.launch import free_port  # noqa: E402
 
 DOCUMENT = json.loads(Path(__file__).with_name("fixtures").joinpath("openai_chat_completion_schemas.json").read_text())
@@ -104,8 +105,9 @@ def generated_requests(document: dict):
 @pytest.fixture(scope="module")
 def http(model_dir):
     """The API on a real uvicorn on loopback, in this process: a server process spends ~20 s importing."""
-    engine = Engine(load_pretrained_model(model_dir, device="cpu"))
-    app = api.create_app(engine, MODEL, Limits(max_new_tokens_limit=MAX_TOKENS_LIMIT, default_max_tokens=2))
+    engine = Engine(ServedModel.resolve(load_pretrained_model(model_dir, device="cpu"),
+                                        limits=Limits(max_new_tokens_limit=MAX_TOKENS_LIMIT, default_max_tokens=2)))
+    app = api.create_app(engine, MODEL)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

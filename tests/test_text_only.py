@@ -260,15 +260,17 @@ def test_a_text_only_model_is_served_and_refuses_images(tiny_parts):
     from PIL import Image
 
     from llava_tiny.inference import GenerationSettings, build_prompt, generate_batch
-    from llava_tiny.serve.chat_request import ApiError, ChatRequest, Limits, prepare
+    from llava_tiny.serve.chat_request import ApiError, ChatRequest, prepare
     from llava_tiny.serve.engine import Engine, Sampling
+    from llava_tiny.serve.served import ServedModel
 
     loaded = load_pretrained_model(tiny_parts["llm"], device="cpu")
     assert loaded.kind == "text"
-    prompt, sampling = prepare(loaded, ChatRequest(model="m", messages=[{"role": "user", "content": "Hi there?"}],
-                                                   max_tokens=6, temperature=0), Limits())
+    served = ServedModel.resolve(loaded)
+    prompt, sampling = prepare(served, ChatRequest(model="m", messages=[{"role": "user", "content": "Hi there?"}],
+                                                   max_tokens=6, temperature=0))
     assert prompt.input_ids == build_prompt(loaded, "Hi there?").input_ids
-    engine = Engine(loaded)
+    engine = Engine(served)
     try:
         answer = engine.complete(prompt, Sampling(max_tokens=6)).text
     finally:
@@ -278,6 +280,6 @@ def test_a_text_only_model_is_served_and_refuses_images(tiny_parts):
     Image.new("RGB", (8, 8), (255, 0, 0)).save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
     with pytest.raises(ApiError, match="no vision tower") as err:
-        prepare(loaded, ChatRequest(model="m", messages=[{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]}]), Limits())
+        prepare(served, ChatRequest(model="m", messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]}]))
     assert err.value.status == 400

@@ -28,8 +28,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..images import add_image_flags
-from .chat_request import ApiError, ChatRequest, Limits, prepare
+from .chat_request import ApiError, ChatRequest, prepare
 from .engine import Completion, Engine
+from .served import Limits, ServedModel
 
 API_KEY_ENV = "LLAVA_TINY_API_KEY"
 logger = logging.getLogger("llava_tiny.serve.api")
@@ -90,9 +91,9 @@ def _validation_error(exc: RequestValidationError) -> ApiError:
     return ApiError(400, f"{param or 'body'}: {first.get('msg', 'invalid request')}", "invalid_request", param)
 
 
-def create_app(engine: Engine, model_id: str, limits: Limits = Limits(), api_key: str | None = None,
+def create_app(engine: Engine, model_id: str, api_key: str | None = None,
                max_request_bytes: int = 20 * 2**20) -> FastAPI:
-    """The FastAPI app serving `engine`'s model under the name `model_id`."""
+    """The FastAPI app serving `engine`'s model (with its limits, `engine.model.limits`) under the name `model_id`."""
     app = FastAPI(title="llava-tiny", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
@@ -132,7 +133,7 @@ def create_app(engine: Engine, model_id: str, limits: Limits = Limits(), api_key
         if body.model != model_id:
             raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}",
                            "model_not_found", "model")
-        prompt, sampling = await run_in_threadpool(prepare, engine.loaded, body, limits, engine.conv_mode)
+        prompt, sampling = await run_in_threadpool(prepare, engine.model, body)
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
         request = engine.submit(prompt, sampling, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
                                 stream=bool(body.stream))
@@ -238,14 +239,15 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    loaded = load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device)
-    engine = Engine(loaded, args.conv_mode, args.max_batch_size, args.image_aspect_ratio, args.image_background)
-    model_id = args.served_model_name or os.path.basename(os.path.normpath(args.model_path))
     limits = Limits(max_image_pixels=args.max_image_pixels, max_images=args.max_images,
                     max_new_tokens_limit=args.max_new_tokens_limit, default_max_tokens=args.default_max_tokens)
-    app = create_app(engine, model_id, limits, args.api_key, args.max_request_bytes)
-    logger.info("serving %s (%s checkpoint, template %s) on http://%s:%d, API key %s", model_id, loaded.kind,
-                engine.conv_mode or loaded.template, args.host, args.port, "required" if args.api_key else "off")
+    model = ServedModel.resolve(load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device),
+                                args.conv_mode, limits, args.image_aspect_ratio, args.image_background)
+    engine = Engine(model, args.max_batch_size)
+    model_id = args.served_model_name or os.path.basename(os.path.normpath(args.model_path))
+    app = create_app(engine, model_id, args.api_key, args.max_request_bytes)
+    logger.info("serving %s (%s) on http://%s:%d, API key %s", model_id, model.describe(), args.host, args.port,
+                "required" if args.api_key else "off")
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

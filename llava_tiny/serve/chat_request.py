@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import json
+import mimetypes
 import re
 from dataclasses import dataclass
 
@@ -27,9 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..conversation import IMAGE_TOKEN
 from ..images import load_image
-from ..inference import Prompt, build_prompt
-from ..model.modeling import image_seq_length, unwrap_model
+from ..inference import Prompt
 from .engine import Sampling
+from .served import Limits, ServedModel, context_length  # noqa: F401 (Limits and context_length re-exported)
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 # Fields of OpenAI's request that this server cannot honour, each with the values that ask for nothing
@@ -97,25 +98,11 @@ def refuse_unsupported(request: ChatRequest) -> None:
                            "unsupported_parameter", name)
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for (the server's --max-* flags)."""
-
-    max_image_pixels: int = 4096 * 4096
-    max_images: int = 8
-    max_new_tokens_limit: int = 1024
-    default_max_tokens: int = 256
-
-
-def context_length(loaded) -> int:
-    """Positions the language model holds: its config, or the tokenizer's limit when smaller."""
-    config = unwrap_model(loaded.model).config
-    text = getattr(config, "text_config", config)  # a text-only model is its own text config
-    limit = getattr(text, "max_position_embeddings", None) or 2048
-    tokenizer_limit = getattr(loaded.tokenizer, "model_max_length", None)
-    if tokenizer_limit and tokenizer_limit < 1_000_000:  # transformers' "no limit" is 1e30
-        limit = min(limit, tokenizer_limit)
-    return limit
+def data_url(path: str) -> str:
+    """An image file as a base64 data URL (how requests carry images: the web chat's uploads, the CLI's file)."""
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    with open(path, "rb") as f:
+        return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
 
 
 def decode_image(url: str, param: str, max_pixels: int) -> Image.Image:
@@ -228,24 +215,17 @@ def parse_messages(messages: list[dict], limits: Limits) -> Conversation:
     return Conversation("\n".join(system).strip() or None, history, turns[-1][1], images)
 
 
-def prompt_for(loaded, conversation: Conversation, conv_mode: str | None = None) -> Prompt:
-    """The prompt ids as training renders them (`build_prompt`); a system message replaces the template's
-    system prompt, as a sample's own system message does in training."""
-    return build_prompt(loaded, conversation.question, conversation.images, conversation.history, conv_mode,
-                        system=conversation.system)
-
-
-def prepare(loaded, request: ChatRequest, limits: Limits, conv_mode: str | None = None) -> tuple[Prompt, Sampling]:
-    """Check a request against the model and the limits; the prompt and how to decode it."""
+def prepare(model: ServedModel, request: ChatRequest) -> tuple[Prompt, Sampling]:
+    """Check a request against the model and its limits; the prompt and how to decode it."""
     refuse_unsupported(request)
+    limits, context = model.limits, model.context
     conversation = parse_messages(request.messages, limits)
-    per_image = image_seq_length(loaded.model)
-    context = context_length(loaded)
-    if len(conversation.images) * per_image >= context:
-        raise ApiError(400, f"{len(conversation.images)} images need {len(conversation.images) * per_image} tokens; "
-                            f"the model holds {context}", "too_many_images", "messages")
+    if len(conversation.images) * model.image_tokens >= context:
+        raise ApiError(400, f"{len(conversation.images)} images need {len(conversation.images) * model.image_tokens} "
+                            f"tokens; the model holds {context}", "too_many_images", "messages")
     try:
-        prompt = prompt_for(loaded, conversation, conv_mode)
+        # A system message replaces the template's system prompt, as a sample's own system message does in training.
+        prompt = model.prompt(conversation.question, conversation.images, conversation.history, conversation.system)
     except ValueError as error:  # the prompt checks of build_prompt
         raise ApiError(400, str(error), "invalid_messages", "messages") from None
     asked = request.max_completion_tokens or request.max_tokens

@@ -5,44 +5,49 @@
 
 Interactive mode reads one question per line until EOF or `exit`, keeping the conversation as
 history; the first question carries the image. With `--query` it answers once and exits (only
-the answer is printed, for scripts). Prompts are built exactly as in training and evaluation.
+the answer is printed, for scripts). Each question goes through the API's own request checks and
+limits (`chat_request.prepare`), so prompts are built exactly as in training, evaluation and the API.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..conversation import IMAGE_TOKEN
-from ..images import add_image_flags, load_image
-from ..inference import build_prompt
-from .engine import Engine, Sampling
+from pydantic import ValidationError
+
+from ..images import add_image_flags
+from .chat_request import ApiError, ChatRequest, data_url, prepare
+from .engine import Engine
+from .served import Limits, ServedModel
 
 EXIT_WORDS = ("exit", "quit")
 
 
 class ChatSession:
-    """A conversation about one image (or none) through the serving engine: `ask` streams the answer
-    and remembers the turn."""
+    """A conversation about one image (or none) through the serving engine, kept as OpenAI messages and
+    answered through the API's own request checks (`chat_request.prepare`) and the model's limits: `ask`
+    streams the answer and remembers the turn."""
 
-    def __init__(self, engine: Engine, image=None, sampling: Sampling | None = None):
-        self.engine = engine
-        self.images = [image] if image is not None else []
-        self.sampling = sampling or Sampling()
-        self.history: list[tuple[str, str]] = []
+    def __init__(self, engine: Engine, image_url: str | None = None, temperature: float = 0.0,
+                 top_p: float | None = None, seed: int | None = None, max_tokens: int | None = None):
+        self.engine, self.image_url = engine, image_url
+        self.decoding = dict(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
+        self.messages: list[dict] = []
 
     def ask(self, text: str, on_delta=None) -> str:
-        """Answer `text` given the earlier turns (`on_delta` gets each piece of text as it is generated);
-        the image marker goes before the first question."""
-        # Markers are ours to place: one typed by the user would ask for an image that is not there.
-        question = text.replace(IMAGE_TOKEN, "").strip()
-        if not self.history and self.images:
-            question = f"{IMAGE_TOKEN}\n{question}"
-        prompt = build_prompt(self.engine.loaded, question, self.images, self.history, self.engine.conv_mode)
-        for event in self.engine.stream(prompt, self.sampling):
+        """Answer `text` given the earlier turns (`on_delta` gets each piece of text as it is generated); the
+        image goes with the first question. Raises `ApiError` (or pydantic's `ValidationError`) for what the
+        API would refuse."""
+        content = [{"type": "text", "text": text}]
+        if not self.messages and self.image_url is not None:
+            content.insert(0, {"type": "image_url", "image_url": {"url": self.image_url}})
+        messages = [*self.messages, {"role": "user", "content": content}]
+        prompt, sampling = prepare(self.engine.model, ChatRequest(model="local", messages=messages, **self.decoding))
+        for event in self.engine.stream(prompt, sampling):
             if isinstance(event, str) and on_delta is not None:
                 on_delta(event)
         answer = event.text.strip()
-        self.history.append((question, answer))
+        self.messages = [*messages, {"role": "assistant", "content": answer}]
         return answer
 
 
@@ -71,15 +76,19 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     args = parse_args(argv)
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    image = load_image(args.image_file) if args.image_file else None
-    loaded = load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device)
-    engine = Engine(loaded, args.conv_mode, max_batch_size=1, image_aspect_ratio=args.image_aspect_ratio,
-                    image_background=args.image_background)
-    chat = ChatSession(engine, image, Sampling(max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                               top_p=args.top_p, seed=args.seed))
+    image_url = data_url(args.image_file) if args.image_file else None  # a missing file fails before the model loads
+    limits = Limits(max_new_tokens_limit=max(args.max_new_tokens, Limits.max_new_tokens_limit))
+    model = ServedModel.resolve(load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device),
+                                args.conv_mode, limits, args.image_aspect_ratio, args.image_background)
+    engine = Engine(model, max_batch_size=1)
+    chat = ChatSession(engine, image_url, args.temperature, args.top_p, args.seed, args.max_new_tokens)
     try:
         if args.query is not None:
-            print(chat.ask(args.query), file=stdout, flush=True)
+            try:
+                print(chat.ask(args.query), file=stdout, flush=True)
+            except (ApiError, ValidationError) as error:
+                print(f"error: {_message(error)}", file=sys.stderr, flush=True)
+                return 2
             return 0
         interactive = stdin.isatty()
         while True:
@@ -94,14 +103,24 @@ def main(argv=None, stdin=None, stdout=None) -> int:
             if text.lower() in EXIT_WORDS:
                 break
             print("ASSISTANT: ", end="", file=stdout, flush=True)
-            if interactive:  # the answer appears as it is generated
-                chat.ask(text, on_delta=lambda piece: print(piece, end="", file=stdout, flush=True))
-                print(file=stdout, flush=True)
-            else:
-                print(chat.ask(text), file=stdout, flush=True)
+            try:
+                if interactive:  # the answer appears as it is generated
+                    chat.ask(text, on_delta=lambda piece: print(piece, end="", file=stdout, flush=True))
+                    print(file=stdout, flush=True)
+                else:
+                    print(chat.ask(text), file=stdout, flush=True)
+            except (ApiError, ValidationError) as error:  # the conversation goes on without this question
+                print(f"error: {_message(error)}", file=stdout, flush=True)
     finally:
         engine.close()
     return 0
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, ValidationError):  # a flag out of the API's range, e.g. --temperature 3
+        first = error.errors()[0]
+        return f"{'.'.join(str(x) for x in first['loc'])}: {first['msg']}"
+    return error.message
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ A stopping criterion follows each row: it streams the row's new text, ends the r
 `max_tokens`, stop string or cancellation, and ends the batch when every row is done. A greedy
 answer is therefore token for token the answer the request gets alone.
 
-    engine = Engine(load_pretrained_model("runs/lora"))
-    prompt = build_prompt(engine.loaded, "<image>\\nWhat is shown?", [image])
+    engine = Engine(ServedModel.resolve(load_pretrained_model("runs/lora")))
+    prompt = engine.model.prompt("<image>\\nWhat is shown?", [image])
     print(engine.complete(prompt, Sampling(max_tokens=64)).text)
     for event in engine.stream(prompt, Sampling()):  # str deltas, then the Completion
         ...
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -28,12 +27,11 @@ from typing import Callable, Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..conversation import stop_token_ids
 from ..decoding import decode_answer
-from ..inference import GenerationSettings, Prompt, generate_ids, template_name
+from ..inference import GenerationSettings, Prompt, generate_ids
+from .served import ServedModel
 
 logger = logging.getLogger(__name__)
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # sentencepiece's byte fallback
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class Request:
 class _Row:
     """One request's state inside a running batch: its tokens, its text so far and what was sent."""
 
-    def __init__(self, request: Request, stop_ids: set[int], byte_ids: set[int], tokenizer):
+    def __init__(self, request: Request, stop_ids: tuple[int, ...], byte_ids: frozenset[int], tokenizer):
         self.request, self.stop_ids, self.byte_ids, self.tokenizer = request, stop_ids, byte_ids, tokenizer
         self.ids: list[int] = []
         self.generated = 0  # tokens the model produced for this row, a stop token included
@@ -160,21 +158,19 @@ class _Follow(StoppingCriteria):
 
 
 class Engine:
-    """Batches concurrent requests onto one model (see the module docstring). Thread-safe `submit`."""
+    """Batches concurrent requests onto one model (see the module docstring). Thread-safe `submit`.
 
-    def __init__(self, loaded, conv_mode: str | None = None, max_batch_size: int = 16,
-                 image_aspect_ratio: str | None = None, image_background: str | None = None, batch_window: float = 0.02,
+    Public state: `model` (the `ServedModel` it serves) and its counters `batches_run`, `largest_batch`
+    and `recent_batch_sizes`."""
+
+    def __init__(self, model: ServedModel, max_batch_size: int = 16, batch_window: float = 0.02,
                  max_batch_wait: float = 0.1):
-        self.loaded, self.conv_mode = loaded, conv_mode
-        self.max_batch_size, self.image_aspect_ratio = max_batch_size, image_aspect_ratio
+        self.model, self.max_batch_size = model, max_batch_size
         # Clients that send at almost the same time share one batch: the worker starts a batch once no
         # request has arrived for `batch_window` s (at most `max_batch_wait` s after the first). A fixed
         # wait from the first arrival split 16 concurrent clients into two batches (the server parses
         # them one after another), and the second waited for the whole first one.
         self.batch_window, self.max_batch_wait = batch_window, max_batch_wait
-        self.image_background = image_background
-        self.stop_ids = set(stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode)))
-        self.byte_ids = {i for token, i in loaded.tokenizer.get_vocab().items() if _BYTE_TOKEN.fullmatch(token)}
         # The latest batches' sizes (bounded: a list of every batch grew for the server's whole life), and totals.
         self.recent_batch_sizes: deque[int] = deque(maxlen=1024)
         self.batches_run, self.largest_batch = 0, 0
@@ -257,18 +253,19 @@ class Engine:
                 self._generate(batch)
 
     def _generate(self, batch: list[Request]) -> None:
-        rows = [_Row(r, self.stop_ids, self.byte_ids, self.loaded.tokenizer) for r in batch]
+        model = self.model
+        rows = [_Row(r, model.stop_ids, model.byte_ids, model.tokenizer) for r in batch]
         first = batch[0].sampling
         settings = GenerationSettings(max_new_tokens=max(r.sampling.max_tokens for r in batch),
                                       temperature=first.temperature, top_p=first.top_p,
-                                      image_aspect_ratio=self.image_aspect_ratio,
-                                      image_background=self.image_background)
+                                      image_aspect_ratio=model.image_aspect_ratio,
+                                      image_background=model.image_background)
         self.recent_batch_sizes.append(len(batch))
         self.batches_run, self.largest_batch = self.batches_run + 1, max(self.largest_batch, len(batch))
         try:
             if first.temperature > 0 and first.seed is not None:
                 torch.manual_seed(first.seed)
-            generate_ids(self.loaded, [r.prompt for r in batch], settings, self.conv_mode,
+            generate_ids(model.loaded, [r.prompt for r in batch], model.stop_ids, settings,
                          stopping_criteria=StoppingCriteriaList([_Follow(rows)]))
         except Exception as error:  # noqa: BLE001 - a failed batch fails its requests, not the server
             logger.exception("generation failed for a batch of %d request(s)", len(batch))

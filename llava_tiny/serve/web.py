@@ -15,25 +15,17 @@ checks as the API (`chat_request.prepare`), so both give the same answer to the 
 from __future__ import annotations
 
 import argparse
-import base64
-import mimetypes
 import os
 import sys
 from typing import Callable, Iterator
 
 from ..images import add_image_flags
 from .api import API_KEY_ENV, is_loopback
+from .chat_request import data_url
 
 AUTH_ENV = "LLAVA_TINY_WEB_AUTH"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_QUESTION = "Describe the image."
-
-
-def data_url(path: str) -> str:
-    """An image file as a base64 data URL (how the API takes images)."""
-    mime = mimetypes.guess_type(path)[0] or "image/png"
-    with open(path, "rb") as f:
-        return f"data:{mime};base64,{base64.b64encode(f.read()).decode()}"
 
 
 def find_examples(folder: str | None) -> list[dict]:
@@ -50,13 +42,13 @@ def find_examples(folder: str | None) -> list[dict]:
     return examples
 
 
-def local_backend(engine, limits, temperature: float, max_tokens: int) -> Callable[[list[dict]], Iterator[str]]:
-    """Answer messages with an in-process engine, through the API's own request checks."""
+def local_backend(engine, temperature: float, max_tokens: int) -> Callable[[list[dict]], Iterator[str]]:
+    """Answer messages with an in-process engine, through the API's own request checks and the engine's limits."""
     from .chat_request import ChatRequest, prepare
 
     def answer(messages: list[dict]) -> Iterator[str]:
         request = ChatRequest(model="local", messages=messages, temperature=temperature, max_tokens=max_tokens)
-        prompt, sampling = prepare(engine.loaded, request, limits, engine.conv_mode)
+        prompt, sampling = prepare(engine.model, request)
         yield from (event for event in engine.stream(prompt, sampling, timeout=600) if isinstance(event, str))
 
     return answer
@@ -157,16 +149,16 @@ def main(argv=None) -> int:
         description, examples_dir = f"Model **{model}** served by `{args.api_url}`", args.examples
     else:
         from ..model.builder import load_pretrained_model
-        from .chat_request import Limits
         from .engine import Engine
+        from .served import Limits, ServedModel
 
-        loaded = load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device)
-        engine = Engine(loaded, args.conv_mode, image_aspect_ratio=args.image_aspect_ratio,
-                        image_background=args.image_background)
         limits = Limits(max_new_tokens_limit=max(args.max_new_tokens, Limits.max_new_tokens_limit))
-        answer = local_backend(engine, limits, args.temperature, args.max_new_tokens)
-        description = (f"Checkpoint `{os.path.abspath(args.model_path)}` ({loaded.kind}), "
-                       f"template `{args.conv_mode or loaded.template}`")
+        model = ServedModel.resolve(load_pretrained_model(args.model_path, model_base=args.model_base,
+                                                          device=args.device),
+                                    args.conv_mode, limits, args.image_aspect_ratio, args.image_background)
+        engine = Engine(model)
+        answer = local_backend(engine, args.temperature, args.max_new_tokens)
+        description = f"Checkpoint `{os.path.abspath(args.model_path)}` ({model.loaded.kind}), template `{model.template.name}`"
         examples_dir = args.examples or os.path.join(args.model_path, "examples")
     demo = build_demo(answer, description, find_examples(examples_dir))
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
