@@ -13,6 +13,9 @@ under another name, or a near-duplicate image (re-encoded copy) is in the same s
 shuffled with --seed and each goes to the split furthest below its target, so every split's
 size is within one group's size of ratio x samples. With --stratify the targets hold within each
 value of that field (source, answer_type, question_type) as well.
+
+With --keep-split [FIELD] the records' own split (FIELD, default `split`) is kept instead
+(data_tools/kept_split.py); a missing val part is drawn from train, leakage is audited the same way.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from .grouping import ImageIndex, add_image_comparison_arguments, group_samples_
 from .images import DEFAULT_COLOR_THRESHOLD, DEFAULT_PHASH_THRESHOLD
 from .io import (DataToolError, add_allow_outside_argument, add_report_argument, check_output_path, cli_errors,
                  load_samples, sample_id, write_json, write_report)
+from .kept_split import keep_split, parse_split_values
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FILES = {name: f"data_{name}.json" for name in SPLIT_NAMES}
@@ -144,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stratify", metavar="FIELD",
                         help="keep the ratios within each value of this record field: source (from the image path "
                              "when absent), answer_type, question_type, or any other field (synthesize writes scene)")
+    parser.add_argument("--keep-split", nargs="?", const="split", metavar="FIELD",
+                        help="keep the split each record names in FIELD (default split: train/val/test, any usual "
+                             "name) instead of drawing one; a missing val part is drawn from train by --ratios")
+    parser.add_argument("--split-value", action="append", metavar="NAME=VALUE",
+                        help="with --keep-split: records whose FIELD is VALUE go to split NAME (train, val, test), "
+                             "e.g. test=validation; repeatable")
     add_image_comparison_arguments(parser)
     add_allow_outside_argument(parser)
     add_report_argument(parser)
@@ -180,28 +190,42 @@ def _summary(result: SplitResult, samples: list[dict], named: dict[str, float], 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     named = parse_ratios(args.ratios)
-    outputs = {name: os.path.join(args.out_dir, SPLIT_FILES[name]) for name in SPLIT_NAMES if named[name] > 0}
+    if args.split_value and not args.keep_split:
+        raise DataToolError("--split-value maps values of the --keep-split field; add --keep-split")
+    values = parse_split_values(args.split_value)
+    outputs = {name: os.path.join(args.out_dir, SPLIT_FILES[name]) for name in SPLIT_NAMES
+               if named[name] > 0 or args.keep_split}
     leakage_path = os.path.join(args.out_dir, LEAKAGE_REPORT)
     for path in [*outputs.values(), leakage_path, args.report]:
         check_output_path(path, [args.data])
     samples = load_samples(args.data)
-    result = group_split_by_image(samples, named, args.seed, args.image_folder, args.stratify, args.phash_threshold,
-                                  workers=args.workers, allow_outside=args.allow_images_outside_folder,
-                                  data_name=args.data)
+    sample_split = None
+    if args.keep_split:
+        result, sample_split = keep_split(samples, args.keep_split, values, named, args.seed, args.image_folder,
+                                          args.stratify, args.phash_threshold, args.workers,
+                                          args.allow_images_outside_folder, args.data)
+        outputs = {name: path for name, path in outputs.items() if name in result.splits}
+        named = {name: (len(result.splits.get(name, ())) / len(samples)) for name in SPLIT_NAMES}
+    else:
+        result = group_split_by_image(samples, named, args.seed, args.image_folder, args.stratify,
+                                      args.phash_threshold, workers=args.workers,
+                                      allow_outside=args.allow_images_outside_folder, data_name=args.data)
     for name, path in outputs.items():
         write_json(path, result.splits[name])
     split_keys = {name: [] for name in result.splits}
     split_ids = {name: [] for name in result.splits}
-    for group, name in zip(result.groups, result.group_split):
-        for i in group:
-            split_keys[name].append(result.keys[i])
-            split_ids[name].append(sample_id(samples[i], i))
+    # a kept split can part a group of samples (that is the leakage to find): audit sample by sample
+    members = ([(i, sample_split[i]) for i in range(len(samples))] if sample_split is not None else
+               [(i, name) for group, name in zip(result.groups, result.group_split) for i in group])
+    for i, name in members:
+        split_keys[name].append(result.keys[i])
+        split_ids[name].append(sample_id(samples[i], i))
     leakage = audit_splits(split_keys, split_ids, result.index)
     summary = _summary(result, samples, named, args.stratify)
-    write_json(leakage_path, {"data": args.data, "seed": args.seed, "ratios": named,
+    write_json(leakage_path, {"data": args.data, "seed": args.seed, "ratios": named, "kept_split": args.keep_split,
                               "phash_threshold": args.phash_threshold, **leakage})
-    print(f"{args.data}: {len(samples)} samples in {summary['num_groups']} image groups, seed {args.seed} "
-          f"-> {args.out_dir}")
+    how = f"the records' own split ({args.keep_split!r})" if args.keep_split else f"seed {args.seed}"
+    print(f"{args.data}: {len(samples)} samples in {summary['num_groups']} image groups, {how} -> {args.out_dir}")
     for name, row in summary["splits"].items():
         print(f"  {name:5s} {row['samples']:8d} samples ({row['fraction']:.1%}, target {row['target']:.0%}), "
               f"{row['groups']} groups -> {outputs[name]}")

@@ -3,6 +3,7 @@
     python -m data_tools.synthesize --out-dir data/shapes --num-images 500 --image-size 64 --seed 0 \
         [--layout random|grid] [--objects distinct|alike]
         [--question-types color shape count presence position caption]
+    python -m data_tools.synthesize --variant small-objects ...   # one small shape per image (small_objects.py)
 
 Each image holds 1-3 large shapes on a plain white background, at random non-overlapping
 positions (or one per cell of a 2x2 grid with --layout grid). With `--objects distinct` (default)
@@ -47,6 +48,7 @@ OBJECT_FRACTION = 0.3
 POSITION_MARGIN = 0.1
 MIN_IMAGE_SIZE = 16
 LAYOUTS = ("random", "grid")
+VARIANTS = ("scenes", "small-objects")
 OBJECT_KINDS = ("distinct", "alike")
 GRID = 2  # cells per side of the grid layout
 
@@ -183,6 +185,14 @@ def _record(image_index: int, image: str, question_type: str, question: str, ans
     }
 
 
+def check_sizes(num_images: int, image_size: int, minimum: int) -> None:
+    """DataToolError unless there is an image to draw and the side is at least `minimum` pixels."""
+    if num_images < 1:
+        raise DataToolError(f"--num-images must be at least 1, got {num_images}")
+    if image_size < minimum:
+        raise DataToolError(f"--image-size must be at least {minimum} pixels, got {image_size}")
+
+
 def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: int = 0, layout: str = "random",
                question_types=QUESTION_TYPES, objects: str = "distinct") -> str:
     """Write `out_dir/images/*.png` and `out_dir/dataset.json`; return the dataset path.
@@ -203,10 +213,7 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
     if alike and "position" in question_types:
         raise DataToolError("position questions need distinct objects (with --objects alike the question "
                             "'is the red square on the left?' can have several answers); drop 'position'")
-    if num_images < 1:
-        raise DataToolError(f"--num-images must be at least 1, got {num_images}")
-    if image_size < MIN_IMAGE_SIZE:
-        raise DataToolError(f"--image-size must be at least {MIN_IMAGE_SIZE} pixels, got {image_size}")
+    check_sizes(num_images, image_size, MIN_IMAGE_SIZE)
     rng = random.Random(seed)
     # One balanced schedule per question type, each answer equally frequent.
     counts = _balanced(COUNTS, num_images, rng)
@@ -283,8 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--objects", choices=OBJECT_KINDS, default="distinct",
                         help="distinct: each object its own colour and shape (default); alike: all objects of an "
                              "image share one colour and one shape (no binding to learn)")
-    parser.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES, default=list(QUESTION_TYPES),
-                        metavar="TYPE", help=f"records to write (default all: {' '.join(QUESTION_TYPES)})")
+    parser.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES, default=None,
+                        metavar="TYPE", help=f"records to write (default all: {' '.join(QUESTION_TYPES)}; "
+                                             "small-objects: color shape presence position)")
+    parser.add_argument("--variant", choices=VARIANTS, default="scenes",
+                        help="scenes: 1-3 large shapes (default); small-objects: one small shape at a random "
+                             "position, --layout and --objects do not apply (data_tools/small_objects.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/dataset.json")
     add_report_argument(parser)
     return parser
@@ -296,17 +307,23 @@ def main(argv=None) -> int:
     existing = os.path.join(args.out_dir, "dataset.json")
     if os.path.exists(existing) and not args.overwrite:
         raise DataToolError(f"{existing} already exists; pass --overwrite to replace it")
-    path = synthesize(args.out_dir, args.num_images, args.image_size, args.seed, args.layout, args.question_types,
-                      args.objects)
+    if args.variant == "small-objects":
+        from .small_objects import DEFAULT_QUESTION_TYPES, synthesize_small_objects  # it imports this module
+        args.question_types = args.question_types or list(DEFAULT_QUESTION_TYPES)
+        path = synthesize_small_objects(args.out_dir, args.num_images, args.image_size, args.seed, args.question_types)
+    else:
+        args.question_types = args.question_types or list(QUESTION_TYPES)
+        path = synthesize(args.out_dir, args.num_images, args.image_size, args.seed, args.layout,
+                          args.question_types, args.objects)
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
     counts = answer_counts(records)
-    print(f"wrote {len(records)} records for {args.num_images} images ({args.image_size}px, {args.layout} layout, {args.objects} objects) "
-          f"to {path}")
+    kind = "one small object" if args.variant == "small-objects" else f"{args.layout} layout, {args.objects} objects"
+    print(f"wrote {len(records)} records for {args.num_images} images ({args.image_size}px, {kind}) to {path}")
     for qtype, answers in counts.items():
         print(f"  {qtype:9s} " + "  ".join(f"{a}={n}" for a, n in answers.items()))
     write_report(args.report, {"dataset": path, "num_images": args.num_images, "image_size": args.image_size,
-                               "seed": args.seed, "layout": args.layout, "objects": args.objects, "question_types": args.question_types,
+                               "seed": args.seed, "variant": args.variant, "layout": args.layout, "objects": args.objects, "question_types": args.question_types,
                                "num_records": len(records), "answer_counts": counts})
     return 0
 

@@ -4,9 +4,13 @@
 # blank images) -> scores, plots and a report that says whether the model looks at the image.
 #
 #   bash scripts/demo.sh [--out runs/demo] [--seed 0] [--images 3000] [--steps 2000]
+#   bash scripts/demo.sh --task small-objects --out runs/small   # one 12-px shape in 64-px images
 #   bash scripts/demo.sh --data DATA [--image-folder DIR] [--stratify label] [--group-by FIELD] \
+#        [--keep-split [FIELD]] [--split-value test=validation] \
 #        [--image-size 32] --out runs/mine     # your converted data (DATA: a folder with dataset.json,
 #                                              # or a JSON/JSONL file; images relative to its folder)
+#   any of them: [--max-new-tokens N] (default: the longest training answer's tokens + a margin)
+#                [--patch-size 16] [--vision-layers 2] (the from-scratch tower)
 #   bash scripts/demo.sh --model_name_or_path TinyLlama/TinyLlama-1.1B-Chat-v1.0 \
 #        --vision_tower openai/clip-vit-large-patch14-336     # GPU: the real two-stage recipe
 #
@@ -16,8 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib/demo_out.sh
-OUT=runs/demo SEED=0 IMAGES="" STEPS=2000 LLM="" TOWER="" USER_DATA="" IMAGE_FOLDER="" STRATIFY="" GROUP_BY=()
-IMAGE_SIZE=32
+OUT=runs/demo SEED=0 IMAGES="" STEPS="" LLM="" TOWER="" USER_DATA="" IMAGE_FOLDER="" STRATIFY="" GROUP_BY=()
+IMAGE_SIZE="" PATCH_SIZE="" VISION_LAYERS="" TASK=shapes MAX_NEW_TOKENS="" KEEP_SPLIT="" SPLIT_VALUES=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUT=$2; shift 2 ;;
@@ -29,9 +33,16 @@ while [ $# -gt 0 ]; do
     --stratify) STRATIFY=$2; shift 2 ;;
     --group-by) GROUP_BY+=(--group-by "$2"); GROUP_FIELDS="${GROUP_FIELDS:-}${GROUP_FIELDS:+ }$2"; shift 2 ;;
     --image-size) IMAGE_SIZE=$2; shift 2 ;;
+    --patch-size) PATCH_SIZE=$2; shift 2 ;;
+    --vision-layers) VISION_LAYERS=$2; shift 2 ;;
+    --task) TASK=$2; shift 2 ;;
+    --max-new-tokens) MAX_NEW_TOKENS=$2; shift 2 ;;
+    --keep-split)  # an optional FIELD (default "split") unless the next word is a flag
+      if [ $# -gt 1 ] && [ "${2#--}" = "$2" ]; then KEEP_SPLIT=$2; shift 2; else KEEP_SPLIT=split; shift; fi ;;
+    --split-value) SPLIT_VALUES+=(--split-value "$2"); shift 2 ;;
     --model_name_or_path) LLM=$2; shift 2 ;;
     --vision_tower) TOWER=$2; shift 2 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,19p "$0"; exit 0 ;;
     *) echo "demo.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -51,13 +62,28 @@ if [ -n "$USER_DATA" ]; then
 elif [ -n "$IMAGE_FOLDER" ]; then
   fail "--image-folder goes with --data (the synthetic set brings its own images)"
 fi
-IMAGES=${IMAGES:-3000}
-if [ $(( IMAGE_SIZE % 16 )) -ne 0 ] || [ "$IMAGE_SIZE" -lt 16 ]; then
-  fail "--image-size $IMAGE_SIZE: expected a multiple of the tiny tower's 16-px patch (16, 32, 48, ...)"
+[ -z "$KEEP_SPLIT" ] || [ -n "$USER_DATA" ] || fail "--keep-split keeps the split of your --data; the synthetic set has none"
+[ ${#SPLIT_VALUES[@]} -eq 0 ] || [ -n "$KEEP_SPLIT" ] || fail "--split-value names values of the --keep-split field; add --keep-split"
+case "$MAX_NEW_TOKENS" in ""|[1-9]|[1-9][0-9]|[1-9][0-9][0-9]|[1-9][0-9][0-9][0-9]) ;;
+  *) fail "--max-new-tokens $MAX_NEW_TOKENS: expected a whole number from 1 to 9999" ;; esac
+# A task is a synthetic data set and the from-scratch tower that learns it (each setting can be overridden).
+case "$TASK" in
+  shapes) TASK_SIZE=32 TASK_PATCH=16 TASK_LAYERS=2 TASK_STEPS=2000 ;;
+  # One 12-px shape somewhere in 64 px: 8-px patches (an 8x8 grid, the shape spans 2-4 patches), a deeper tower.
+  small-objects) TASK_SIZE=64 TASK_PATCH=8 TASK_LAYERS=3 TASK_STEPS=2000 ;;
+  *) fail "--task $TASK: expected shapes or small-objects" ;;
+esac
+[ "$TASK" = shapes ] || [ -z "$USER_DATA" ] || fail "--task $TASK draws a synthetic set; it cannot be combined with --data"
+IMAGE_SIZE=${IMAGE_SIZE:-$TASK_SIZE} PATCH_SIZE=${PATCH_SIZE:-$TASK_PATCH} VISION_LAYERS=${VISION_LAYERS:-$TASK_LAYERS}
+STEPS=${STEPS:-$TASK_STEPS} IMAGES=${IMAGES:-3000}
+if [ $(( IMAGE_SIZE % PATCH_SIZE )) -ne 0 ] || [ "$IMAGE_SIZE" -lt "$PATCH_SIZE" ]; then
+  fail "--image-size $IMAGE_SIZE: expected a multiple of the tiny tower's $PATCH_SIZE-px patch (--patch-size)"
 fi
 claim_out demo.sh "$OUT" "--seed $SEED" "--images $IMAGES" "--steps $STEPS" "--data $USER_DATA" \
   "--image-folder $IMAGE_FOLDER" "--stratify $STRATIFY" "--group-by ${GROUP_FIELDS:-}" "--image-size $IMAGE_SIZE" \
-  "--model_name_or_path $LLM" "--vision_tower $TOWER"
+  "--model_name_or_path $LLM" "--vision_tower $TOWER" "--task $TASK" "--patch-size $PATCH_SIZE" \
+  "--vision-layers $VISION_LAYERS" "--max-new-tokens $MAX_NEW_TOKENS" "--keep-split $KEEP_SPLIT" \
+  "--split-value ${SPLIT_VALUES[*]:-}"
 start=$(date +%s)
 bash scripts/setup_env.sh
 export PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZERS_PARALLELISM=false
@@ -77,8 +103,13 @@ else
   if [ -z "$USER_DATA" ]; then
     step "1/5 data: synthesize, validate, partition by image"
     # --overwrite: an interrupted data step of this run is redone (same seed, same files)
-    $PY -m data_tools.synthesize --out-dir "$IMAGE_FOLDER" --num-images "$IMAGES" --image-size 32 --layout grid \
-      --objects alike --question-types color shape count presence caption --seed "$SEED" --overwrite
+    if [ "$TASK" = small-objects ]; then
+      $PY -m data_tools.synthesize --variant small-objects --out-dir "$IMAGE_FOLDER" --num-images "$IMAGES" \
+        --image-size "$IMAGE_SIZE" --seed "$SEED" --overwrite
+    else
+      $PY -m data_tools.synthesize --out-dir "$IMAGE_FOLDER" --num-images "$IMAGES" --image-size "$IMAGE_SIZE" \
+        --layout grid --objects alike --question-types color shape count presence caption --seed "$SEED" --overwrite
+    fi
   else
     step "1/5 data: validate $DATA_FILE (images in $IMAGE_FOLDER), partition by image"
   fi
@@ -88,8 +119,10 @@ else
     exit 1
   fi
   # Stratified by a field (a missing field is one stratum): each class or scene in every split in proportion.
+  # --keep-split: the records' own split (a val split, when there is none, is drawn from train the same way).
+  KEEP=(); [ -z "$KEEP_SPLIT" ] || KEEP=(--keep-split "$KEEP_SPLIT" "${SPLIT_VALUES[@]}")
   $PY -m data_tools.partition --data "$DATA_FILE" --image-folder "$IMAGE_FOLDER" --out-dir "$SETS" --seed "$SEED" \
-    --stratify "$STRATIFY"
+    --stratify "$STRATIFY" "${KEEP[@]}"
   mark_done data
 fi
 
@@ -114,7 +147,7 @@ elif [ -z "$LLM" ]; then
   TOKENIZER_FROM=(); [ -z "$USER_DATA" ] || TOKENIZER_FROM=(--tokenizer-from "$SETS/data_train.json")
   if ! step_done base; then
     $PY -m llava_tiny.testing.tiny --out "$OUT/base" --hidden 128 --layers 2 --image-size "$IMAGE_SIZE" \
-      --patch-size 16 --vision-hidden 64 --vision-layers 2 --seed "$SEED" "${TOKENIZER_FROM[@]}" \
+      --patch-size "$PATCH_SIZE" --vision-hidden 64 --vision-layers "$VISION_LAYERS" --seed "$SEED" "${TOKENIZER_FROM[@]}" \
       >/dev/null
     mark_done base
   fi
@@ -147,14 +180,19 @@ if step_done report; then
   echo "report: $OUT/report.md   metrics: $OUT/metrics.json"
   exit 0
 fi
-step "3/5 generate on the test split (batched), then the blind control (blank images)"
+# Room for the longest training answer (its tokens under the model's tokenizer, the stop token and a margin):
+# a fixed 24 cut 12 of 157 captions of a user's set short.
+MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-$($PY scripts/lib/max_new_tokens.py --model-path "$MODEL" --data "$SETS/data_train.json")}
+step "3/5 generate on the test split (batched, up to $MAX_NEW_TOKENS new tokens), then the blind control (blank images)"
 # eval.generate itself continues an interrupted file (ids already written are skipped).
 $PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$IMAGE_FOLDER" \
-  --out "$OUT/preds.jsonl" --batch-size 64 --max-new-tokens 24
+  --out "$OUT/preds.jsonl" --batch-size 64 --max-new-tokens "$MAX_NEW_TOKENS"
 $PY -m eval.generate --model-path "$MODEL" --data "$SETS/data_test.json" --image-folder "$IMAGE_FOLDER" \
-  --out "$OUT/preds_blind.jsonl" --batch-size 64 --max-new-tokens 24 --blank-images
+  --out "$OUT/preds_blind.jsonl" --batch-size 64 --max-new-tokens "$MAX_NEW_TOKENS" --blank-images
 
-if [ -n "$USER_DATA" ]; then
+# Your data and the small-objects task get eval.score's per-type verdicts (any question types, groups, captions);
+# the shapes task gets its goal check (eval.demo_report).
+if [ -n "$USER_DATA" ] || [ "$TASK" != shapes ]; then
   step "4/5 score, with the blind control and the majority class (from the training split)"
   $PY -m eval.score "$OUT/preds.jsonl" --blind "$OUT/preds_blind.jsonl" --train-data "$SETS/data_train.json" \
     --model-path "$MODEL" "${GROUP_BY[@]}" --out "$OUT"
@@ -169,6 +207,6 @@ step "5/5 report"
 $PY -m eval.demo_report --preds "$OUT/preds.jsonl" --blind-preds "$OUT/preds_blind.jsonl" \
   --train "$SETS/data_train.json" --trainer-state "$MODEL/trainer_state.json" --model-config "$MODEL/config.json" \
   --caption-metrics "$OUT/scores/metrics.json" --leakage "$SETS/leakage_report.json" \
-  --note "Finished in $(elapsed)s (seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"
+  --note "Finished in $(elapsed)s (task $TASK, seed $SEED, $IMAGES images, $STEPS steps)." --out "$OUT"
 mark_done report
 echo "report: $OUT/report.md   metrics: $OUT/metrics.json   ($(elapsed)s)"

@@ -115,3 +115,22 @@ def test_generate_batch_decodes_through_the_same_function(monkeypatch):
     monkeypatch.setattr(inference, "generate_ids", lambda *args, **kwargs: [ids[:-1], ids + [tok.eos_token_id, 0]])
     loaded = SimpleNamespace(tokenizer=tok, template="tinyllama")
     assert inference.generate_batch(loaded, [inference.Prompt([1]), inference.Prompt([1])]) == ["貓", "貓咪"]
+
+
+def test_the_demo_helper_prints_the_default_from_a_training_split(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "train.json"
+    data.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "<image>\\nWhat?"}, '
+                    '{"from": "gpt", "value": "a red square and a blue circle"}]}]')
+    tok = AutoTokenizer.from_pretrained(FIXTURE_TOKENIZER)
+    expected = answer_room(len(tok.encode("a red square and a blue circle", add_special_tokens=False)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "scripts/lib/max_new_tokens.py", "--model-path", FIXTURE_TOKENIZER,
+                          "--data", str(data)], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout.strip() == str(expected), run.stderr
+    data.write_text("[]")
+    run = subprocess.run([sys.executable, "scripts/lib/max_new_tokens.py", "--model-path", FIXTURE_TOKENIZER,
+                          "--data", str(data)], cwd=root, capture_output=True, text=True)
+    assert run.returncode == 2 and "no assistant answer" in run.stderr
