@@ -8,8 +8,9 @@ record into the one internal form that training, `eval.generate` and the data to
                   a leading {"from": "system"} turn becomes `system`
     messages      {"messages": [{"role": "system"|"user"|"assistant", "content": str | [{"type": "text",
                   "text"}, {"type": "image"}]}], "images": [paths]} (OpenAI, TRL, LLaMA-Factory) -> the
-                  LLaVA form: each image part is an `<image>` marker where it stands, `images` -> `image`,
-                  a first system message -> `system` (it replaces the template's system prompt)
+                  LLaVA form (`messages.read_messages`: each image part is an `<image>` marker where it
+                  stands), `images` -> `image`, leading system messages -> `system` (it replaces the
+                  template's system prompt)
     text          {"text": "<formatted conversation>"} (SFTTrainer's `dataset_text_field`): kept as it
                   is; every token is supervised
     preference    `chosen` / `rejected` (DPO): kept as it is, read by `preference_parts`
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+
+from .messages import read_messages as read_chat_messages
 
 
 class DataFileError(ValueError):
@@ -92,24 +95,6 @@ def record_format(sample: dict) -> str:
     return next((name for name in SFT_FORMATS if name in sample), "conversations")
 
 
-def message_content_text(content) -> str | None:
-    """A message's content as one string: a string as it is, a list of parts joined in order with each
-    {"type": "image"} part as an `<image>` marker + "\n"; None when it is neither."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
-        return None
-    pieces = []
-    for part in content:
-        if part.get("type") == "image":
-            pieces.append("<image>\n")
-        elif part.get("type") == "text" and isinstance(part.get("text"), str):
-            pieces.append(part["text"])
-        else:
-            return None
-    return "".join(pieces).strip()
-
-
 @dataclass
 class MessagesRecord:
     """A `messages` record read into the LLaVA form; `problems` lists (kind, message) about its form."""
@@ -120,31 +105,18 @@ class MessagesRecord:
 
 
 def read_messages(sample: dict) -> MessagesRecord:
-    """Read `messages` (OpenAI / TRL / LLaMA-Factory) into LLaVA turns; the order of turns is left to the
-    turn rules (`conversation.turn_problems`)."""
+    """Read `messages` (OpenAI / TRL / LLaMA-Factory) into LLaVA turns (`messages.read_messages`, images
+    listed apart in the record); the order of turns is left to the turn rules (`conversation.turn_problems`)."""
     read = MessagesRecord()
     messages = sample.get("messages")
     if not isinstance(messages, list) or not messages:
         read.problems.append(("bad_conversations", f"'messages' is {str(messages)[:60]!r}; expected a non-empty list "
                                                    "of {role, content} messages"))
         return read
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        text = message_content_text(message.get("content")) if isinstance(message, dict) else None
-        if role not in ("system", *_ROLES):
-            read.problems.append(("bad_roles", f"message {i} has role {role!r}; expected 'system', 'user' or "
-                                               "'assistant'"))
-        elif text is None:
-            read.problems.append(("bad_conversations", f"message {i} has content {str(message.get('content'))[:80]!r}; "
-                                                       "expected a string or a list of {type: text, text} / "
-                                                       "{type: image} parts"))
-        elif role == "system" and i:
-            read.problems.append(("bad_roles", f"message {i} is a system message after the conversation started; "
-                                               "expected the system message first"))
-        elif role == "system":
-            read.system = text
-        else:
-            read.conversations.append({"from": _ROLES[role], "value": text})
+    turns = read_chat_messages(messages, images_inline=False)
+    read.problems = [(problem.kind, problem.message) for problem in turns.problems]
+    read.system = turns.system
+    read.conversations = [{"from": _ROLES[role], "value": text} for role, text in turns.turns]
     return read
 
 
@@ -177,9 +149,8 @@ def normalise_record(sample: dict) -> dict:
 #               turns optionally as LLaVA `conversations` (complete human/gpt pairs)
 #   messages    {"id", "image", "messages": [{"role": "user"|"assistant", "content": ...}, ...ending with the
 #               user's question], "chosen": {"role": "assistant", "content": ...}, "rejected": {...}}
-#               (TRL's conversational form, `prompt` as a list of messages, reads the same). `content` is
-#               a string or a list of {"type": "text", "text"} / {"type": "image"} parts; image parts
-#               become `<image>` markers before the text, as in LLaVA's data.
+#               (TRL's conversational form, `prompt` as a list of messages, reads the same). Messages are
+#               read as SFT `messages` are (`messages.read_messages`); a leading system message is dropped.
 @dataclass
 class PreferenceParts:
     """A preference record read into LLaVA pieces; a piece that cannot be read is None (see `problems`)."""
@@ -196,22 +167,15 @@ def is_preference_record(sample: dict) -> bool:
     return "chosen" in sample or "rejected" in sample
 
 
-def _message_text(content) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        images = sum(1 for p in content if p.get("type") == "image")
-        texts = [p.get("text") for p in content if p.get("type") == "text"]
-        return "<image>\n" * images + "".join(texts) if all(isinstance(t, str) for t in texts) else None
-    return None
-
-
 def _answer_text(answer) -> str | None:
     """An answer: a string, an assistant message, or a list holding one assistant message."""
     if isinstance(answer, list) and len(answer) == 1:
         answer = answer[0]
     if isinstance(answer, dict):
-        return _message_text(answer.get("content")) if answer.get("role", "assistant") == "assistant" else None
+        if answer.get("role", "assistant") != "assistant":
+            return None
+        read = read_chat_messages([{**answer, "role": "assistant"}], images_inline=False)
+        return None if read.problems else read.turns[0][1]
     return answer if isinstance(answer, str) else None
 
 
@@ -228,18 +192,15 @@ def preference_parts(sample: dict) -> PreferenceParts:
         return parts
     if not isinstance(messages, list) or not messages:
         return parts
-    turns = [m for m in messages if not (isinstance(m, dict) and m.get("role") == "system")]
-    roles = {"user": "human", "assistant": "gpt"}
-    for i, message in enumerate(turns):
-        text = _message_text(message.get("content")) if isinstance(message, dict) else None
-        if text is None or message.get("role") not in roles:
-            parts.problems.append(("bad_conversations", f"message {i} is {message!r}; expected {{role: user|assistant, "
-                                                        "content: text or parts}"))
-            return parts
-        parts.history.append({"from": roles[message["role"]], "value": text})
-    if parts.history[-1]["from"] != "human":
-        parts.problems.append(("bad_roles", "the messages end with an assistant message; expected the user's "
-                                            "question last (the answers are `chosen` and `rejected`)"))
+    read = read_chat_messages(messages, images_inline=False)  # a leading system message is not compared: dropped
+    if read.problems:
+        parts.problems.append((read.problems[0].kind, read.problems[0].message))
+        return parts
+    parts.history = [{"from": _ROLES[role], "value": text} for role, text in read.turns]
+    if not parts.history or parts.history[-1]["from"] != "human":
+        ending = "end with an assistant message" if parts.history else "hold no user message"
+        parts.problems.append(("bad_roles", f"the messages {ending}; expected the user's question last (the answers "
+                                            "are `chosen` and `rejected`)"))
         return parts
     parts.prompt = parts.history.pop()["value"]
     return parts

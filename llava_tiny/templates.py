@@ -29,6 +29,28 @@ def place_image_marker(text: str) -> str:
     return (IMAGE_TOKEN + "\n" + text.replace(IMAGE_TOKEN, "").strip()).strip()
 
 
+def turn_text(content: str | list[str | None], images_inline: bool) -> str:
+    """A message's content (a string, or its parts read as texts and None for each image) as one turn's
+    text with an `<image>` marker per image.
+
+    Data records (images listed apart, `images_inline` False): a string is the turn as written,
+    markers included; parts keep their order, each image as `<image>` + "\\n" where it stands, as
+    transformers' chat templates render them (`message_text_jinja` is the processor's copy of this rule).
+    Requests (each image in its own part: the API, the web chat, the CLI): one marker per image first,
+    then the texts, each stripped, one per line; a marker typed in a request's text is removed, since
+    only an image part asks for one. Either way `place_image_marker` then moves a turn's single marker
+    to the front, as LLaVA trains.
+    """
+    marker = IMAGE_TOKEN + "\n"
+    if not images_inline:
+        if isinstance(content, str):
+            return content
+        return "".join(marker if piece is None else piece for piece in content).strip()
+    pieces = [content] if isinstance(content, str) else content
+    texts = [piece.replace(IMAGE_TOKEN, "").strip() for piece in pieces if piece is not None]
+    return marker * pieces.count(None) + "\n".join(text for text in texts if text)
+
+
 @dataclass(frozen=True)
 class ChatTemplate:
     """How one chat format renders turns.

@@ -2,8 +2,9 @@
 answer) turns, images and template prompt that training used; every bad input is an `ApiError`
 with OpenAI's error shape and a 4xx status.
 
-A user message's images go before its text, one `<image>` marker each (LLaVA's training data puts
-the image first); `<image>` typed by a client is removed, since markers are ours to place. A
+Messages are read by the reader data files use (`messages.read_messages`): a user message's images
+go before its text, one `<image>` marker each (LLaVA's training data puts the image first);
+`<image>` typed by a client is removed, since markers are ours to place (`templates.turn_text`). A
 system message replaces the template's own system sentence, or leads the first question when the
 template has none. Images come only as base64 data URLs: the server never fetches a URL.
 
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..conversation import IMAGE_TOKEN
 from ..images import load_image
+from ..messages import read_messages
 from ..inference import Prompt
 from .engine import Sampling
 from .served import Limits, ServedModel, context_length  # noqa: F401 (Limits and context_length re-exported)
@@ -149,70 +150,36 @@ class Conversation:
     images: list[Image.Image]
 
 
-def _parts(message: dict, where: str) -> list[dict]:
-    content = message.get("content")
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise ApiError(400, f"{where}.content must be a string or a list of content parts", "invalid_content",
-                       f"{where}.content")
-    return content
-
-
-def _message_text(message: dict, where: str, images: list | None, limits: Limits) -> str:
-    """The message's text; its image parts are decoded into `images` (None: images not allowed here)."""
-    texts, found = [], []
-    for k, part in enumerate(_parts(message, where)):
-        param = f"{where}.content[{k}]"
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text" and isinstance(part.get("text"), str):
-            texts.append(part["text"].replace(IMAGE_TOKEN, ""))
-        elif kind == "image_url" and images is not None:
-            image_url = part.get("image_url")
-            url = image_url.get("url") if isinstance(image_url, dict) else image_url
-            if len(images) + len(found) >= limits.max_images:
-                raise ApiError(400, f"more than {limits.max_images} images in one request (--max-images)",
-                               "too_many_images", param)
-            found.append(decode_image(url, f"{param}.image_url.url", limits.max_image_pixels))
-        elif kind == "image_url":
-            raise ApiError(400, f"{where} ({message.get('role')}) cannot hold images; images go in user messages",
-                           "invalid_content", param)
-        else:
-            raise ApiError(400, f"content part type {kind!r}; expected 'text' or 'image_url'", "invalid_content",
-                           param)
-    if images is not None:
-        images.extend(found)
-    return "".join(f"{IMAGE_TOKEN}\n" for _ in found) + "\n".join(t.strip() for t in texts if t.strip())
-
-
 def parse_messages(messages: list[dict], limits: Limits) -> Conversation:
-    """System messages first, then user/assistant turns (consecutive ones of a role are joined),
-    ending with a user message."""
-    system, turns, images = [], [], []
-    for i, message in enumerate(messages):
-        where = f"messages[{i}]"
-        role = message.get("role") if isinstance(message, dict) else None
-        if role in ("system", "developer"):
-            if turns:
-                raise ApiError(400, f"{where}: a system message after the conversation started; expected system "
-                                    "messages first", "invalid_messages", f"{where}.role")
-            system.append(_message_text(message, where, None, limits))
-        elif role in ("user", "assistant"):
-            text = _message_text(message, where, images if role == "user" else None, limits)
-            if turns and turns[-1][0] == role:
-                turns[-1] = (role, turns[-1][1] + "\n" + text)
-            else:
-                turns.append((role, text))
+    """The request's messages as turns + images (`messages.read_messages`, images inside their parts): system
+    messages first, then user/assistant turns (consecutive ones of a role are joined), ending with a user
+    message."""
+    decoded = []
+
+    def load(url, param: str):
+        if len(decoded) >= limits.max_images:
+            raise ApiError(400, f"more than {limits.max_images} images in one request (--max-images)",
+                           "too_many_images", param)
+        decoded.append(decode_image(url, param, limits.max_image_pixels))
+        return decoded[-1]
+
+    read = read_messages(messages, images_inline=True, load_image=load)
+    if read.problems:
+        problem = read.problems[0]
+        raise ApiError(400, problem.message, problem.code, problem.param)
+    turns = []
+    for role, text in read.turns:
+        if turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + "\n" + text)
         else:
-            raise ApiError(400, f"{where}: role {role!r}; expected 'system', 'user' or 'assistant'",
-                           "invalid_messages", f"{where}.role")
+            turns.append((role, text))
     if not turns or turns[0][0] != "user" or turns[-1][0] != "user":
         raise ApiError(400, "the conversation must start and end with a user message", "invalid_messages", "messages")
     if not turns[-1][1].strip():
         raise ApiError(400, "the last user message is empty; expected a question or an image", "invalid_messages",
                        "messages")
     history = [(turns[k][1], turns[k + 1][1]) for k in range(0, len(turns) - 1, 2)]
-    return Conversation("\n".join(system).strip() or None, history, turns[-1][1], images)
+    return Conversation((read.system or "").strip() or None, history, turns[-1][1], read.images)
 
 
 def prepare(model: ServedModel, request: ChatRequest) -> tuple[Prompt, Sampling]:
