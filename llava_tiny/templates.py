@@ -168,7 +168,8 @@ def _lit(s: str) -> str:
 
 def message_text_jinja(image_only: bool = False) -> str:
     """Jinja that sets `text` to `message`'s content as one string with `<image>` markers, placed as
-    `place_image_marker` places them: a string as is, a list of parts with each image part a marker."""
+    `turn_text` places a data record's (a string as is, each image part a marker where it stands) and
+    then `place_image_marker` (the processor's copy of those two rules)."""
     text_part = "" if image_only else "{% set ns.text = ns.text + c['text'] %}"
     marker = _lit(IMAGE_TOKEN)
     return ("{% if message['content'] is string %}{% set ns.text = message['content'] %}{% else %}"
