@@ -17,6 +17,7 @@ from collections import Counter
 
 from .grouping import group_samples_by_image, image_keys, index_images
 from .io import DataToolError, sample_id
+from .split_groups import SplitResult, assign_groups, group_strata
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                  "dev": "val", "test": "test", "testing": "test"}
@@ -64,9 +65,7 @@ def split_names(samples: list[dict], field: str, values: dict[str, str], data_na
 def keep_split(samples: list[dict], field: str, values: dict[str, str], ratios: dict[str, float], seed: int,
                image_folder: str | None, stratify: str | None, phash_threshold: int, workers: int | None,
                allow_outside: bool, data_name: str):
-    """A `partition.SplitResult` holding the samples' own split (see the module docstring)."""
-    from .partition import SplitResult, assign_groups, stratum_of  # partition imports this module
-
+    """A `SplitResult` holding the samples' own split (see the module docstring)."""
     names = split_names(samples, field, values, data_name)
     keys = image_keys(samples, data_name)
     index = None
@@ -77,10 +76,7 @@ def keep_split(samples: list[dict], field: str, values: dict[str, str], ratios: 
     if "val" not in names and ratios["val"] > 0:
         # groups wholly in train may move to val; a group that spans kept parts stays where it is (leakage)
         movable = [g for g in groups if all(names[i] == "train" for i in g)]
-        strata = None
-        if stratify is not None:
-            strata = [min(c, key=lambda v: (-c[v], v)) for c in
-                      (Counter(stratum_of(samples[i], stratify) for i in g) for g in movable)]
+        strata = group_strata(samples, movable, stratify)
         share = ratios["val"] / (ratios["train"] + ratios["val"])
         for group, to_val in zip(movable, assign_groups([len(g) for g in movable], [1 - share, share], seed, strata)):
             for i in group:

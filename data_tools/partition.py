@@ -21,22 +21,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 from collections import Counter
-from dataclasses import dataclass
 
 from .check_leakage import audit_splits, print_leakage
-from .filter import SourceRule
-from .grouping import ImageIndex, add_image_comparison_arguments, group_samples_by_image, image_keys, index_images
+from .grouping import add_image_comparison_arguments, group_samples_by_image, image_keys, index_images
 from .images import DEFAULT_COLOR_THRESHOLD, DEFAULT_PHASH_THRESHOLD
 from .io import (DataToolError, add_allow_outside_argument, add_report_argument, check_output_path, cli_errors,
                  load_samples, sample_id, write_json, write_report)
 from .kept_split import keep_split, parse_split_values
+from .split_groups import SplitResult, assign_groups, group_strata, stratum_of
 
 SPLIT_NAMES = ("train", "val", "test")
 SPLIT_FILES = {name: f"data_{name}.json" for name in SPLIT_NAMES}
 LEAKAGE_REPORT = "leakage_report.json"
-NO_VALUE = "(none)"
 def parse_ratios(values) -> dict[str, float]:
     """{"train", "val", "test"} -> fraction from 3 values (train val test) or 2 (train test)."""
     values = [float(v) for v in values]
@@ -59,50 +56,6 @@ def parse_ratios(values) -> dict[str, float]:
     return {"train": train, "val": val, "test": test}
 
 
-def assign_groups(group_sizes: list[int], ratios: list[float], seed: int = 0,
-                  group_strata: list[str] | None = None) -> list[int]:
-    """Split index for each group: seeded shuffle, then each group to the split furthest below target.
-
-    Targets are ratio x samples (within each stratum when `group_strata` is given; ties broken by
-    the overall targets). Every split ends within one group's size of its target: a split below
-    target by more than the largest group would have taken the groups the others took.
-    """
-    order = list(range(len(group_sizes)))
-    random.Random(seed).shuffle(order)
-    strata = group_strata or ["" for _ in group_sizes]
-    stratum_total = Counter()
-    for size, stratum in zip(group_sizes, strata):
-        stratum_total[stratum] += size
-    total = sum(group_sizes)
-    filled = {s: [0] * len(ratios) for s in stratum_total}
-    overall = [0] * len(ratios)
-    assignment = [0] * len(group_sizes)
-    for group in order:
-        size, stratum = group_sizes[group], strata[group]
-        deficits = {k: (ratios[k] * stratum_total[stratum] - filled[stratum][k], ratios[k] * total - overall[k], -k)
-                    for k in range(len(ratios)) if ratios[k] > 0}
-        best = max(deficits, key=deficits.get)
-        assignment[group] = best
-        filled[stratum][best] += size
-        overall[best] += size
-    return assignment
-
-
-def stratum_of(sample: dict, stratify: str) -> str:
-    """The sample's value of the stratification field (`source` falls back to the image folder)."""
-    value = SourceRule("auto").source_of(sample) if stratify == "source" else sample.get(stratify)
-    return NO_VALUE if value is None or value == "" else str(value)
-
-
-@dataclass
-class SplitResult:
-    splits: dict[str, list[dict]]  # split name -> samples in input order (only splits with ratio > 0)
-    groups: list[list[int]]  # sample indices that stay together
-    group_split: list[str]  # split name of each group
-    keys: list[list[str]]  # each sample's normalized image paths
-    index: ImageIndex | None  # fingerprints, when an image folder was given
-
-
 def group_split_by_image(samples: list[dict], ratios=(0.7, 0.1, 0.2), seed: int = 0, image_folder: str | None = None,
                          stratify: str | None = None, phash_threshold: int = DEFAULT_PHASH_THRESHOLD,
                          color_threshold: float = DEFAULT_COLOR_THRESHOLD, workers: int | None = None,
@@ -119,14 +72,9 @@ def group_split_by_image(samples: list[dict], ratios=(0.7, 0.1, 0.2), seed: int 
         names = [repr(sample_id(s, i)) for i, s in enumerate(samples)]
         index = index_images(keys, image_folder, allow_outside, phash_threshold, color_threshold, workers, names)
     groups = group_samples_by_image(keys, index)
-    strata = None
-    if stratify is not None:
-        strata = []
-        for group in groups:
-            counts = Counter(stratum_of(samples[i], stratify) for i in group)
-            strata.append(min(counts, key=lambda value: (-counts[value], value)))
     names = list(named)
-    assignment = assign_groups([len(g) for g in groups], [named[n] for n in names], seed, strata)
+    assignment = assign_groups([len(g) for g in groups], [named[n] for n in names], seed,
+                               group_strata(samples, groups, stratify))
     split_of_sample = [""] * len(samples)
     for group, split in zip(groups, assignment):
         for i in group:

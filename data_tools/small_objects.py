@@ -23,8 +23,7 @@ import random
 
 from .io import DataToolError, write_json
 from .records import CAPTION_PROMPT
-from .synthesize import (COLORS, POSITION_MARGIN, SHAPES, ShapeObject, _balanced, _record, caption_for,
-                         check_sizes, draw_scene)
+from .shapes import COLORS, POSITION_MARGIN, SHAPES, ShapeObject, balanced, caption_for, check_sizes, draw_scene, shape_record
 
 QUESTION_TYPES = ("color", "shape", "presence", "position", "caption")
 DEFAULT_QUESTION_TYPES = ("color", "shape", "presence", "position")
@@ -56,10 +55,10 @@ def synthesize_small_objects(out_dir: str, num_images: int = 3000, image_size: i
                             f"{list(QUESTION_TYPES)} (one object per image: no count questions)")
     check_sizes(num_images, image_size, MIN_IMAGE_SIZE)
     rng = random.Random(seed)
-    colors = _balanced(COLORS, num_images, rng)
-    shapes = _balanced(SHAPES, num_images, rng)
-    positions = _balanced(("left", "right"), num_images, rng)
-    yes_first = _balanced((True, False), num_images, rng)
+    colors = balanced(COLORS, num_images, rng)
+    shapes = balanced(SHAPES, num_images, rng)
+    positions = balanced(("left", "right"), num_images, rng)
+    yes_first = balanced((True, False), num_images, rng)
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     side = max(4, round(image_size * OBJECT_FRACTION))
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -75,13 +74,13 @@ def synthesize_small_objects(out_dir: str, num_images: int = 3000, image_size: i
             presence.reverse()
         scene = f"{obj.color} {obj.shape}"
         batch = [
-            _record(i, image, "color", "What color is the shape?", obj.color, scene),
-            _record(i, image, "shape", "What shape is the object?", obj.shape, scene),
-            *[_record(i, image, "presence", f"Is there a {c} {s}?", answer, scene, f"-{n + 1}" if n else "")
+            shape_record(i, image, "color", "What color is the shape?", obj.color, scene),
+            shape_record(i, image, "shape", "What shape is the object?", obj.shape, scene),
+            *[shape_record(i, image, "presence", f"Is there a {c} {s}?", answer, scene, f"-{n + 1}" if n else "")
               for n, ((c, s), answer) in enumerate(presence)],
-            _record(i, image, "position", f"Is the {obj.color} {obj.shape} on the left or the right?",
+            shape_record(i, image, "position", f"Is the {obj.color} {obj.shape} on the left or the right?",
                     obj.side_of_image(image_size), scene),
-            _record(i, image, "caption", CAPTION_PROMPT, caption_for([obj]), scene),
+            shape_record(i, image, "caption", CAPTION_PROMPT, caption_for([obj]), scene),
         ]
         for record in batch:
             if record["question_type"] in question_types:

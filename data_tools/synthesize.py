@@ -29,52 +29,22 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass
-
-from PIL import Image, ImageDraw
 
 from .io import DataToolError, add_report_argument, cli_errors, write_json, write_report
 from .records import CAPTION_PROMPT
+from .shapes import (COLORS, POSITION_MARGIN, SHAPES, ShapeObject, balanced, caption_for, check_sizes, draw_scene,
+                     shape_record)
+from .small_objects import DEFAULT_QUESTION_TYPES, synthesize_small_objects
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
-SHAPES = ("square", "circle", "triangle")
 COUNTS = (1, 2, 3)
-BACKGROUND = (255, 255, 255)
 QUESTION_TYPES = ("color", "shape", "count", "presence", "position", "caption")
-SOURCE = "synthetic-shapes"
-# Shapes are large (30% of the side) so a tiny vision tower sees them at 64x64; an object asked
-# about in a position question sits at least 10% of the side away from the vertical midline.
+# Shapes are large (30% of the side) so a tiny vision tower sees them at 64x64.
 OBJECT_FRACTION = 0.3
-POSITION_MARGIN = 0.1
 MIN_IMAGE_SIZE = 16
 LAYOUTS = ("random", "grid")
 VARIANTS = ("scenes", "small-objects")
 OBJECT_KINDS = ("distinct", "alike")
 GRID = 2  # cells per side of the grid layout
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    color: str
-    shape: str
-    x: int  # top-left corner of the object's square bounding box
-    y: int
-    side: int
-
-    @property
-    def center_x(self) -> float:
-        return self.x + (self.side - 1) / 2
-
-    def side_of_image(self, image_size: int) -> str:
-        return "left" if self.center_x < image_size / 2 else "right"
-
-
-def _balanced(values, n: int, rng: random.Random) -> list:
-    """`n` draws where every value occurs equally often (up to one), in random order."""
-    values = list(values)
-    schedule = (values * math.ceil(n / len(values)))[:n]
-    rng.shuffle(schedule)
-    return schedule
 
 
 def _place_on_grid(rng: random.Random, count: int, size: int, side: int, anchored: int,
@@ -142,57 +112,6 @@ def _scene(rng: random.Random, size: int, count: int, color_answer: str, shape_a
     return objects, color_target, shape_target, position_target
 
 
-def draw_scene(objects: list[ShapeObject], size: int) -> Image.Image:
-    """Draw the objects without anti-aliasing, so every object pixel has its exact colour."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
-    draw = ImageDraw.Draw(image)
-    for obj in objects:
-        x0, y0, x1, y1 = obj.x, obj.y, obj.x + obj.side - 1, obj.y + obj.side - 1
-        fill = COLORS[obj.color]
-        if obj.shape == "square":
-            draw.rectangle([x0, y0, x1, y1], fill=fill)
-        elif obj.shape == "circle":
-            draw.ellipse([x0, y0, x1, y1], fill=fill)
-        else:
-            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
-    return image
-
-
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
-
-
-def caption_for(objects: list[ShapeObject]) -> str:
-    """A caption such as "a red square, a green triangle and a blue circle." (left to right, then top down),
-    or "two red squares." when all objects are alike."""
-    if len(objects) > 1 and len({(o.color, o.shape) for o in objects}) == 1:
-        return f"{NUMBER_WORDS[len(objects)]} {objects[0].color} {objects[0].shape}s."
-    names = [f"a {o.color} {o.shape}" for o in sorted(objects, key=lambda o: (o.center_x, o.y))]
-    text = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return text + "."
-
-
-def _record(image_index: int, image: str, question_type: str, question: str, answer: str, scene: str,
-            suffix: str = "") -> dict:
-    return {
-        "id": f"shapes-{image_index:05d}-{question_type}{suffix}",
-        "image": image,
-        "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
-        "question_type": question_type,
-        "answer_type": "closed" if answer in ("yes", "no") else "open",
-        "references": [answer],
-        "source": SOURCE,
-        "scene": scene,  # what the picture shows: `partition --stratify scene` balances the splits
-    }
-
-
-def check_sizes(num_images: int, image_size: int, minimum: int) -> None:
-    """DataToolError unless there is an image to draw and the side is at least `minimum` pixels."""
-    if num_images < 1:
-        raise DataToolError(f"--num-images must be at least 1, got {num_images}")
-    if image_size < minimum:
-        raise DataToolError(f"--image-size must be at least {minimum} pixels, got {image_size}")
-
-
 def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: int = 0, layout: str = "random",
                question_types=QUESTION_TYPES, objects: str = "distinct") -> str:
     """Write `out_dir/images/*.png` and `out_dir/dataset.json`; return the dataset path.
@@ -216,11 +135,11 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
     check_sizes(num_images, image_size, MIN_IMAGE_SIZE)
     rng = random.Random(seed)
     # One balanced schedule per question type, each answer equally frequent.
-    counts = _balanced(COUNTS, num_images, rng)
-    color_answers = _balanced(COLORS, num_images, rng)
-    shape_answers = _balanced(SHAPES, num_images, rng)
-    presence_answers = _balanced(("yes", "no"), num_images, rng)
-    position_answers = _balanced(("left", "right"), num_images, rng)
+    counts = balanced(COUNTS, num_images, rng)
+    color_answers = balanced(COLORS, num_images, rng)
+    shape_answers = balanced(SHAPES, num_images, rng)
+    presence_answers = balanced(("yes", "no"), num_images, rng)
+    position_answers = balanced(("left", "right"), num_images, rng)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
     records = []
     for i in range(num_images):
@@ -253,14 +172,14 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
             color_question = f"What color is the {objects[color_t].shape}?"
             shape_question = f"What shape is the {objects[shape_t].color} object?"
         records += [record for record in [
-            _record(i, image, "color", color_question, objects[color_t].color, scene),
-            _record(i, image, "shape", shape_question, objects[shape_t].shape, scene),
-            _record(i, image, "count", "How many objects are there?", str(len(objects)), scene),
-            *[_record(i, image, "presence", f"Is there a {c} {s}?", answer, scene, f"-{n + 1}" if n else "")
+            shape_record(i, image, "color", color_question, objects[color_t].color, scene),
+            shape_record(i, image, "shape", shape_question, objects[shape_t].shape, scene),
+            shape_record(i, image, "count", "How many objects are there?", str(len(objects)), scene),
+            *[shape_record(i, image, "presence", f"Is there a {c} {s}?", answer, scene, f"-{n + 1}" if n else "")
               for n, ((c, s), answer) in enumerate(presence)],
-            _record(i, image, "position", f"Is the {positioned.color} {positioned.shape} on the left or the right?",
+            shape_record(i, image, "position", f"Is the {positioned.color} {positioned.shape} on the left or the right?",
                     positioned.side_of_image(image_size), scene),
-            _record(i, image, "caption", CAPTION_PROMPT, caption_for(objects), scene),
+            shape_record(i, image, "caption", CAPTION_PROMPT, caption_for(objects), scene),
         ] if record["question_type"] in question_types]
     path = os.path.join(out_dir, "dataset.json")
     write_json(path, records)
@@ -308,7 +227,6 @@ def main(argv=None) -> int:
     if os.path.exists(existing) and not args.overwrite:
         raise DataToolError(f"{existing} already exists; pass --overwrite to replace it")
     if args.variant == "small-objects":
-        from .small_objects import DEFAULT_QUESTION_TYPES, synthesize_small_objects  # it imports this module
         args.question_types = args.question_types or list(DEFAULT_QUESTION_TYPES)
         path = synthesize_small_objects(args.out_dir, args.num_images, args.image_size, args.seed, args.question_types)
     else:
