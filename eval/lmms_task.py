@@ -6,7 +6,7 @@
         --tasks llava_tiny_data_test --include_path runs/lmms_task --batch_size 1 --log_samples \\
         --output_path runs/lmms_out --verbosity DEBUG
 
-Writes, for lmms-eval 0.7.3 (README, "Evaluate with lmms-eval"), into `--out`:
+Writes, for lmms-eval 0.7.3 (docs/evaluation.md, "Evaluate with lmms-eval"), into `--out`:
   <task>.yaml   a local task: `dataset_path: json` on the file below, greedy generation, `exact_match`
   <task>.jsonl  one line per question, as eval.generate expands them (same ids, turns, checks, history)
   utils.py      doc_to_messages / doc_to_visual / doc_to_text / process_results (eval/lmms_task_utils.py)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Preference tuning (DPO) after fine-tuning: LoRA adapters on the LLM (the reference is the same model
 # with its adapters off, so the projector stays frozen), beta 0.1, sigmoid loss. Data: preference
-# pairs (README, "Preference tuning (DPO)"); check them first with python -m data_tools.validate.
+# pairs (docs/dpo.md, "Preference data"); check them first with python -m data_tools.validate.
 #   MODEL        the fine-tuned folder to start from (full or LoRA, from finetune_*.sh); MODEL= starts
 #                from LLM + VISION_TOWER (+ PROJECTOR, a stage-1 folder) instead
 #   VISION_TOWER="" a text-only run: MODEL a text-only folder (full or LoRA), or MODEL= with LLM alone

@@ -116,8 +116,9 @@ def test_the_saved_tokenizer_keeps_the_models_context_length(text_lora):
 
 
 def test_dpo_starts_from_a_text_lora_folder_with_no_projector_flags(tmp_path, text_lora, llama3_style_base, caplog):
-    """The README's recipe, SFT then DPO, on a text-only LoRA folder: no --freeze_mm_mlp_adapter asked for,
-    --mm_projector_lr named as without effect; the result is SFT merged + the DPO adapter (peer: stock peft)."""
+    """docs/training.md's recipe (Starting points), SFT then DPO, on a text-only LoRA folder: no
+    --freeze_mm_mlp_adapter asked for, --mm_projector_lr named as without effect; the result is SFT merged + the
+    DPO adapter (peer: stock peft)."""
     from peft import PeftModel
 
     pairs = write_preference_dataset(tmp_path, n=0, text_only=8)

@@ -1,8 +1,8 @@
 """The DPO objective: answer log-probabilities, the loss (`sigmoid`, `ipo`, `hinge`) and its figures.
 
 The math is TRL's (`DPOTrainer._compute_loss`, trl 1.16), written here because TRL's trainer
-cannot keep this project's labels, templates, recipes and checkpoints (see README, "Preference
-tuning"); `tests/test_dpo_loss.py` checks loss and figures against TRL itself on the same batch.
+cannot keep this project's labels, templates, recipes and checkpoints (see docs/dpo.md, "Why not
+TRL's `DPOTrainer`"); `tests/test_dpo_loss.py` checks loss and figures against TRL itself on the same batch.
 
 A batch holds the chosen rows first, then the rejected rows in the same pair order
 (`PreferenceCollator`); a row's log-probability is the sum over its supervised tokens (the final

@@ -11,7 +11,7 @@
 # on a first CPU run). We accept that race rather than retry: two jobs picking at once get different
 # random ports, fixed-port jobs sit below the ephemeral range, and if it ever hits, the job stops with
 # EADDRINUSE and the same command, rerun, resumes from the last checkpoint. With HOSTFILE the port must
-# be free on the first node listed (the master): start there, as the README says, or set MASTER_PORT.
+# be free on the first node listed (the master): start there, as docs/training.md says, or set MASTER_PORT.
 free_port() {
   python -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])'
 }
