@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Llav
 from .inference import probe_inputs
 from .model.builder import load_pretrained_model
 from .model import image_seq_length
-from .model.checkpoints import checkpoint_kind, local_folder, saved_config
+from .model.checkpoints import local_folder, resolve_kind, saved_config
 from .model.projector import is_stock_llava_projector
 
 logger = logging.getLogger(__name__)
@@ -92,8 +92,8 @@ def merge_lora_checkpoint(model_path: str, save_path: str, model_base: str | Non
     """
     require_empty_dir(save_path)
     model_path = local_folder(model_path)  # a hub id: its snapshot (from the cache when offline)
-    kind = checkpoint_kind(model_path)
-    if kind != "lora":
+    kind = resolve_kind(model_path)
+    if not kind.is_adapter:
         raise ValueError(f"{model_path} is a {kind} checkpoint, not a LoRA one (no adapter_config.json); "
                          "use scripts/export_hf.py to export it")
     dtype = recorded_dtype(model_path) if save_dtype == "auto" else DTYPES[save_dtype]

@@ -14,6 +14,7 @@ from llava_tiny.images import image_settings, preprocess_images
 from llava_tiny.inference import build_prompt, probe_inputs
 from llava_tiny.model import unwrap_model
 from llava_tiny.model.builder import assemble_model, load_pretrained_model
+from llava_tiny.model.checkpoint_kinds import LORA, PROJECTOR
 from llava_tiny.model.checkpoints import save_checkpoint
 from llava_tiny.model.lora import apply_lora
 
@@ -38,7 +39,7 @@ def lora_dir(tmp_path_factory, tiny_parts):
             if "lora_B" in name:
                 param.normal_(0, 0.02)
     path = str(tmp_path_factory.mktemp("lora") / "lora")
-    save_checkpoint("lora", peft_model, loaded.processor, path)
+    save_checkpoint(LORA, peft_model, loaded.processor, path)
     return path
 
 
@@ -130,7 +131,7 @@ def test_export_of_a_lora_checkpoint_is_stock_and_generates_like_the_project_loa
 def test_export_in_bfloat16_and_from_a_projector_checkpoint(tiny_parts, tmp_path):
     torch.manual_seed(2)
     loaded = assemble_model(tiny_parts["llm"], tiny_parts["clip"])
-    save_checkpoint("projector", loaded.model, loaded.processor, str(tmp_path / "stage1"))
+    save_checkpoint(PROJECTOR, loaded.model, loaded.processor, str(tmp_path / "stage1"))
     result = export_tools.export_checkpoint(str(tmp_path / "stage1"), str(tmp_path / "export"), save_dtype="bfloat16")
     assert result["kind"] == "projector" and result["stock"] and result["max_difference"] is not None
     assert {t.dtype for t in load_file(str(tmp_path / "export" / "model.safetensors")).values()} == {torch.bfloat16}

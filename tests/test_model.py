@@ -13,7 +13,8 @@ from transformers import AutoProcessor, CLIPVisionConfig, LlavaForConditionalGen
 from llava_tiny.conversation import IGNORE_INDEX, tokenize_conversation, tokenize_prompt
 from llava_tiny.images import preprocess_images
 from llava_tiny.model.builder import assemble_model, count_parameters, load_pretrained_model
-from llava_tiny.model.checkpoints import checkpoint_kind, save_checkpoint
+from llava_tiny.model.checkpoint_kinds import PROJECTOR
+from llava_tiny.model.checkpoints import resolve_kind, save_checkpoint
 from llava_tiny.model.projector import build_projector
 from llava_tiny.model.vision import num_image_tokens
 from llava_tiny.testing.tiny import make_tiny_llm, make_tiny_vision_tower
@@ -190,8 +191,8 @@ def test_load_pretrained_model_finds_the_kind_from_files(tmp_path, tiny_parts):
         loaded.model.model.multi_modal_projector.linear_2.bias.fill_(0.5)
     # A stage-1 folder named like a full model: the name is never used.
     stage1 = tmp_path / "llava-full-model-lora"
-    save_checkpoint("projector", loaded.model, loaded.processor, str(stage1))
-    assert checkpoint_kind(str(stage1)) == "projector"
+    save_checkpoint(PROJECTOR, loaded.model, loaded.processor, str(stage1))
+    assert resolve_kind(str(stage1)) == "projector"
     reloaded = load_pretrained_model(str(stage1))
     assert reloaded.kind == "projector"
     assert torch.all(reloaded.model.model.multi_modal_projector.linear_2.bias == 0.5)

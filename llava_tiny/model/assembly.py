@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaProcessor
 from transformers.integrations import deepspeed as hf_deepspeed
 
 from ..conversation import IMAGE_TOKEN, chat_template_jinja, get_template, prepare_tokenizer
-from .checkpoints import save_checkpoint
+from .checkpoints import CheckpointKind, kind_saving, save_checkpoint
 from .modeling import LlavaTinyConfig, LlavaTinyForCausalLM
 from .projector import build_projector
 from .vision import VISION_FAMILIES, default_select_strategy, load_vision_tower, num_image_tokens, vision_family
@@ -98,12 +98,13 @@ def build_processor(image_processor, tokenizer, config: LlavaTinyConfig, templat
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and processor, and the kind of folder it came from."""
+    """A model with its tokenizer and processor, and the kind of folder it came from (None: assembled from
+    parts)."""
 
     model: LlavaTinyForCausalLM  # or a causal LM (text-only), or a PeftModel around either
     tokenizer: object
     processor: LlavaProcessor
-    kind: str  # "full", "text", "projector", "lora", "llava_original" (checkpoints.py)
+    kind: CheckpointKind | None = None  # set by `checkpoints.load_kind` (checkpoint_kinds.py)
 
     @property
     def image_processor(self):
@@ -116,8 +117,7 @@ class LoadedModel:
 
     def save_pretrained(self, save_dir: str) -> None:
         """Save as a full checkpoint (a LoRA checkpoint when the model is an unmerged `PeftModel`)."""
-        kind = "lora" if hasattr(self.model, "get_base_model") else "full"
-        save_checkpoint(kind, self.model, self.processor, save_dir)
+        save_checkpoint(kind_saving(self.model), self.model, self.processor, save_dir)
 
 
 def assemble_model(model_name_or_path: str, vision_tower: str, mm_projector_type: str = "mlp2x_gelu",
@@ -151,7 +151,7 @@ def load_text_model(model_name_or_path: str, version: str | None = None, dtype: 
                                                quantization_config=quantization_config, config=config, **hub)
     _resize_embeddings(llm, len(tokenizer))
     llm.config.conversation_template = template.name  # saved in config.json; stock transformers ignores it
-    return LoadedModel(model=llm, tokenizer=tokenizer, processor=tokenizer, kind="text")
+    return LoadedModel(model=llm, tokenizer=tokenizer, processor=tokenizer)
 
 
 def attach_vision(text: LoadedModel, vision_tower: str, mm_projector_type: str = "mlp2x_gelu",
@@ -191,4 +191,4 @@ def attach_vision(text: LoadedModel, vision_tower: str, mm_projector_type: str =
                 count_parameters(llm), count_parameters(tower), count_parameters(model.model.multi_modal_projector),
                 count_parameters(model))
     processor = build_processor(image_processor, tokenizer, config, template)
-    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor, kind="full")
+    return LoadedModel(model=model, tokenizer=tokenizer, processor=processor)

@@ -24,6 +24,12 @@ def default_select_strategy(vision_config) -> str:
     return "default" if VISION_FAMILIES[vision_family(vision_config)][1] else "full"
 
 
+def select_strategy_for_feature(select_feature: str | None) -> str | None:
+    """LLaVA's `mm_vision_select_feature` as transformers' `vision_feature_select_strategy`: 'cls_patch' keeps
+    CLS ('full'); 'patch' (or none) leaves the tower's default (`default_select_strategy`)."""
+    return "full" if select_feature == "cls_patch" else None
+
+
 def num_image_tokens(vision_config, select_strategy: str | None = None) -> int:
     """Placeholders per image: (image_size / patch_size)^2, +1 for CLIP's CLS under 'full'."""
     strategy = select_strategy or default_select_strategy(vision_config)

@@ -16,7 +16,8 @@ import logging
 import torch
 from transformers.trainer_pt_utils import get_parameter_names
 
-from ..model.checkpoints import load_checkpoint_weights, save_checkpoint
+from ..model import checkpoint_kinds
+from ..model.checkpoints import CheckpointKind, save_checkpoint
 from ..model.modeling import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class Recipe:
     """One way to train: a tuning per part ('frozen' / 'full' / 'lora') and the checkpoint kind it saves."""
 
     name = ""
-    checkpoint_kind = "full"
+    checkpoint_kind: CheckpointKind = checkpoint_kinds.FULL
 
     def __init__(self, model_args, training_args):
         self.model_args, self.training_args = model_args, training_args
@@ -139,12 +140,12 @@ class Recipe:
 
     def load(self, model, checkpoint_dir: str) -> None:
         """Load a checkpoint this recipe saved into the live training model (resume without DeepSpeed)."""
-        load_checkpoint_weights(self.checkpoint_kind, model, checkpoint_dir)
+        self.checkpoint_kind.load_into(model, checkpoint_dir)
 
     def bytes_needed(self, model, optimizer=None) -> int:
         """About what a save writes: the weights (all for a full checkpoint, the trained ones otherwise),
         plus the optimizer state when given (a resumable checkpoint)."""
-        params = model.parameters() if self.checkpoint_kind == "full" else (
+        params = model.parameters() if self.checkpoint_kind.saves_all_weights else (
             p for p in model.parameters() if p.requires_grad)
         total = tensor_bytes(params)
         states = getattr(optimizer, "state", {}).values() if optimizer is not None else ()
@@ -153,7 +154,7 @@ class Recipe:
 
 @register("projector")
 class ProjectorPretrain(Recipe):
-    checkpoint_kind = "projector"
+    checkpoint_kind = checkpoint_kinds.PROJECTOR
 
     def tuning(self) -> dict[str, str]:
         return {"language_model": FROZEN, "vision_tower": FROZEN, "projector": FULL}
@@ -161,12 +162,12 @@ class ProjectorPretrain(Recipe):
 
 @register("full")
 class FullFinetune(Recipe):
-    checkpoint_kind = "full"
+    checkpoint_kind = checkpoint_kinds.FULL
 
 
 @register("lora")
 class LoraFinetune(Recipe):
-    checkpoint_kind = "lora"
+    checkpoint_kind = checkpoint_kinds.LORA
 
     def tuning(self) -> dict[str, str]:
         return {**super().tuning(), "language_model": LORA}

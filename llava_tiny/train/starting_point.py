@@ -15,13 +15,11 @@ import logging
 import os
 
 from ..model.builder import assemble_model, load_checkpoint, load_text_model
-from ..model.checkpoints import is_text_lora, local_folder, read_json, resolve_kind
-from ..model.llava_original import is_llava_original
-from ..model.vision import load_vision_config, vision_family
+from ..model.checkpoints import local_folder, read_json, resolve_kind
+from ..model.vision import load_vision_config, select_strategy_for_feature, vision_family
 
 logger = logging.getLogger(__name__)
 
-VLM_STARTS = ("full", "llava_original", "lora")
 # What makes two towers the same architecture (their weights come from the checkpoint anyway).
 _TOWER_FIELDS = ("model_type", "hidden_size", "image_size", "patch_size", "num_hidden_layers")
 
@@ -32,9 +30,8 @@ def is_text_only(model_args, training_args) -> bool:
     path, cache_dir = model_args.model_name_or_path, training_args.cache_dir
     try:
         kind = resolve_kind(path, cache_dir)
-        if kind == "lora":
-            return is_text_lora(local_folder(path, cache_dir))
-        return kind == "text" and not model_args.vision_tower
+        # A text-only adapter stays text-only (--vision_tower is refused); a causal LM takes the tower.
+        return kind.text_only(path, cache_dir) and (kind.is_adapter or not model_args.vision_tower)
     except (OSError, ValueError):
         return False
 
@@ -46,26 +43,25 @@ def starting_point_problems(model_args, training_args) -> list[str]:
     except (OSError, ValueError) as err:
         return [f"--model_name_or_path {model_args.model_name_or_path}: {err}"]
     problems = []
-    if kind == "projector":
-        problems.append(f"--model_name_or_path {model_args.model_name_or_path} is a stage-1 projector folder: pass "
-                        "it as --pretrain_mm_mlp_adapter, with the language model as --model_name_or_path")
+    if kind.not_a_starting_point:
+        problems.append(f"--model_name_or_path {model_args.model_name_or_path} is {kind.not_a_starting_point}")
     text_only = is_text_only(model_args, training_args)
     if text_only and model_args.tune_mm_mlp_adapter:
         problems.append("--tune_mm_mlp_adapter trains a projector, which a text-only run (no --vision_tower) has not")
     if text_only and model_args.pretrain_mm_mlp_adapter:
         problems.append(f"--pretrain_mm_mlp_adapter {model_args.pretrain_mm_mlp_adapter}: a text-only run "
                         "(no --vision_tower) has no projector to load it into")
-    if kind in VLM_STARTS and model_args.pretrain_mm_mlp_adapter:
+    if kind.brings_projector and model_args.pretrain_mm_mlp_adapter:
         problems.append(f"--pretrain_mm_mlp_adapter: --model_name_or_path {model_args.model_name_or_path} is a "
                         "vision-language model that already has its projector")
-    if kind == "lora" and training_args.bits in (4, 8):
+    if kind.is_adapter and training_args.bits in (4, 8):
         problems.append(f"--bits {training_args.bits} with a LoRA folder as --model_name_or_path: merge it first "
                         "(python scripts/merge_lora.py --model-path ... --save-path MERGED), then start from MERGED")
-    if kind == "lora" and text_only and model_args.vision_tower:
+    if kind.is_adapter and text_only and model_args.vision_tower:
         problems.append(f"--vision_tower with {model_args.model_name_or_path}, a text-only LoRA folder: merge it "
                         "first (python scripts/merge_lora.py --model-path ... --save-path MERGED), then start from "
                         "MERGED with --vision_tower")
-    elif kind in ("full", "lora") and model_args.vision_tower:
+    elif kind.own_tower and model_args.vision_tower:
         problems += _tower_conflict(local_folder(model_args.model_name_or_path, training_args.cache_dir), model_args,
                                     training_args.cache_dir)
     elif model_args.vision_tower:
@@ -110,14 +106,14 @@ def load_starting_point(model_args, training_args, dtype, quantization_config=No
     options = {"dtype": dtype, "attn_implementation": attn_implementation, "quantization_config": quantization_config,
                "trust_remote_code": model_args.trust_remote_code, "cache_dir": training_args.cache_dir}
     kind = resolve_kind(path, training_args.cache_dir)
-    if kind == "text" and model_args.vision_tower is None:
+    if kind.bare_language_model and model_args.vision_tower is None:
         logger.info("%s is a language model and no --vision_tower was given: text-only fine-tuning", path)
         return load_text_model(path, model_args.version, image_token=False, **options)
-    if kind == "text":
+    if kind.bare_language_model:
         return assemble_model(path, model_args.vision_tower, mm_projector_type=model_args.mm_projector_type,
                               mm_vision_select_layer=model_args.mm_vision_select_layer,
-                              vision_select_strategy="full" if model_args.mm_vision_select_feature == "cls_patch"
-                              else None, version=model_args.version, **options)
+                              vision_select_strategy=select_strategy_for_feature(model_args.mm_vision_select_feature),
+                              version=model_args.version, **options)
     folder = local_folder(path, training_args.cache_dir)
     loaded = load_checkpoint(folder, version=model_args.version, vision_tower=model_args.vision_tower, **options)
     loaded.model.config.mm_base_model = str(path)  # LoRA and projector folders of this run rebuild from it

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from faultlib import color_samples, one_thread, text_samples, train_argv, train_in_process, trainer_state, write_samples
 from llava_tiny.model.builder import assemble_model
+from llava_tiny.model.checkpoint_kinds import PROJECTOR
 from llava_tiny.model.checkpoints import save_checkpoint
 from llava_tiny.train.callbacks import NonFiniteLossError
 
@@ -25,7 +26,7 @@ def poisoned_projector(tmp_path_factory, tiny_parts):
         for param in loaded.model.model.multi_modal_projector.parameters():
             param.fill_(float("inf"))
     folder = str(tmp_path_factory.mktemp("poisoned"))
-    save_checkpoint("projector", loaded.model, loaded.processor, folder)
+    save_checkpoint(PROJECTOR, loaded.model, loaded.processor, folder)
     return folder
 
 
