@@ -35,6 +35,7 @@ def measure(data_path: str, cache_dir: str) -> dict:
 
     from llava_tiny.conversation import prepare_tokenizer
     from llava_tiny.testing.tiny import LLAMA2_TOKENIZER
+    from llava_tiny.train.check_pool import check_workers
     from llava_tiny.train.dataset import LazySupervisedDataset
 
     tokenizer = AutoTokenizer.from_pretrained(LLAMA2_TOKENIZER)
@@ -47,7 +48,10 @@ def measure(data_path: str, cache_dir: str) -> dict:
     seconds = time.perf_counter() - start
     dataset[len(dataset) - 1]  # an item still loads (lazily, from the file)
     return {"seconds": round(seconds, 2), "records": dataset.num_records, "rss_before_mb": round(before),
-            "rss_after_mb": round(_rss_mb()), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "rss_after_mb": round(_rss_mb()), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            # the check's worker processes (`check_pool`, forked: they share the parent's pages until written)
+            "workers": check_workers(),
+            "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)}
 
 
 def _run_measure(data_path: str, cache_dir: str) -> dict:

@@ -262,8 +262,16 @@ def duplicate_problems(samples: list[dict], file: str | None = None) -> list[Pro
     return [problem for index, sample in enumerate(samples) for problem in finder.add(sample, index)]
 
 
+def content_digest(sample: dict) -> bytes:
+    """What makes two records the same sample (images, conversation, `CONTENT_FIELDS`), as 16 bytes."""
+    content = json.dumps([sample_images(sample), sample.get("conversations"), *map(sample.get, CONTENT_FIELDS)],
+                         sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.blake2b(content.encode(), digest_size=16).digest()
+
+
 class RepeatFinder:
-    """`duplicate_problems` one record at a time (records read as a stream): `add` gives the record's warnings."""
+    """`duplicate_problems` one record at a time (records read as a stream): `add` gives the record's warnings;
+    `add_digest` the same from the record's id and `content_digest` (found elsewhere, e.g. in another process)."""
 
     def __init__(self, file: str | None = None):
         self.file = file
@@ -271,16 +279,16 @@ class RepeatFinder:
         self.first_with_content: dict[bytes, tuple[int, str]] = {}  # a digest per record: flat memory at 665k
 
     def add(self, sample: dict, index: int) -> list[Problem]:
+        return self.add_digest(sample_id(sample, index), sample.get("id") not in (None, ""), content_digest(sample),
+                               index)
+
+    def add_digest(self, sid: str, has_id: bool, digest: bytes, index: int) -> list[Problem]:
         problems = []
-        sid = sample_id(sample, index)
-        if sample.get("id") not in (None, "") and self.first_with_id.setdefault(sid, index) != index:
+        if has_id and self.first_with_id.setdefault(sid, index) != index:
             problems.append(Problem(index, sid, "duplicate_id", f"id already used by record {self.first_with_id[sid]}; "
                                                                  "expected unique ids (reports name samples by id)",
                                     self.file))
-        content = json.dumps([sample_images(sample), sample.get("conversations"), *map(sample.get, CONTENT_FIELDS)],
-                             sort_keys=True, ensure_ascii=False, default=str)
-        first, first_id = self.first_with_content.setdefault(hashlib.blake2b(content.encode(), digest_size=16).digest(),
-                                                             (index, sid))
+        first, first_id = self.first_with_content.setdefault(digest, (index, sid))
         if first != index:
             problems.append(Problem(index, sid, "duplicate_sample", f"same image(s) and conversation as sample "
                                     f"{first_id!r} (record {first}); trained on as often as it appears", self.file))

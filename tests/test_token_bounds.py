@@ -41,6 +41,19 @@ TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size
 
 
 @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(text=TEXT)
+def test_the_plain_normaliser_is_the_tokenizers_own(tokenizer, text):
+    backend = tokenizer.backend_tokenizer
+    if backend.normalizer is not None:
+        assert token_counter(tokenizer).normalise(text) == backend.normalizer.normalize_str(text)
+
+
+def test_the_llama_normaliser_runs_as_python(tokenizer):
+    if tokenizer.backend_tokenizer.normalizer is not None and "Prepend" in str(tokenizer.backend_tokenizer.normalizer):
+        assert token_counter(tokenizer).normalise.__name__ == "normalise"  # not the tokenizer's (slow) own
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(text=TEXT, context=TEXT)
 def test_a_chunk_never_takes_more_ids_than_its_bound(tokenizer, text, context):
     count = token_counter(tokenizer)

@@ -23,10 +23,10 @@ from ..data import load_samples, normalise_record, record_format, sample_id, sam
 from ..images import load_image, preprocess_images, resolve_image_path
 from . import check_cache
 from .check_cache import CheckResult
-from .record_store import RecordStore, iter_records
+from .check_pool import checked_chunks
+from .record_store import RecordStore
 
 logger = logging.getLogger(__name__)
-_CHUNK = 20_000  # records checked at a time: the check's memory stays flat with the file's size
 
 
 class BadSamplesError(ValueError):
@@ -113,28 +113,25 @@ class LazySupervisedDataset(Dataset):
         return found
 
     def _check(self, data_path: str) -> CheckResult:
-        """Read the file once (streaming) and check it. With several processes each checks every world_size-th
-        record and the shares are merged, so each rank does 1/world_size of the work (8 ranks on a node checked
-        the same records 8 times) and all get the same answer: problems in the file's order, every length."""
+        """Read the file once and check it, in chunks, in parallel (`check_pool`). With several processes each
+        checks every world_size-th record and the shares are merged, so each rank does 1/world_size of the work
+        (8 ranks on a node checked the same records 8 times) and all get the same answer: problems in the
+        file's order, every length."""
         rank, world = _world()
-        found, share, mine = CheckResult(), [], {"problems": {}, "lengths": [], "images": {}}
-        repeats, repeated, facts = RepeatFinder(data_path) if rank == 0 else None, [], {}
-        for index, (start, end, record) in enumerate(iter_records(data_path)):
-            sample = normalise_record(record)
-            sid = sample_id(sample, index)
-            found.starts.append(start)
-            found.ends.append(end)
-            found.ids.append(sid)
-            found.texts += record_format(sample) == "text"
+        found, mine = CheckResult(), {"problems": {}, "lengths": [], "images": {}}
+        repeats, repeated = RepeatFinder(data_path) if rank == 0 else None, []
+        for first, starts, ends, checked in checked_chunks(self, data_path, rank, world):
+            found.starts.extend(starts)
+            found.ends.extend(ends)
+            found.ids += checked["ids"]
+            found.texts += checked["texts"]
             if repeats is not None:
-                repeated += repeats.add(sample, index)
-            if index % world == rank:
-                # A share's records keep the names they have in the whole file (an id-less record: its index).
-                share.append(sample if sample.get("id") is not None else {**sample, "id": sid})
-                if len(share) == _CHUNK:
-                    self._check_share(share, mine, facts)
-                    share = []
-        self._check_share(share, mine, facts)
+                for index, sid, (has_id, digest) in zip(range(first, first + len(starts)), checked["ids"],
+                                                        checked["digests"]):
+                    repeated += repeats.add_digest(sid, has_id, digest, index)
+            mine["problems"].update(checked["problems"])
+            mine["lengths"] += checked["lengths"]
+            mine["images"].update(checked["images"])
         shares = [mine]
         if world > 1:
             shares = [None] * world

@@ -7,7 +7,9 @@ page cache, shared by every rank on the node, and the kernel drops them under pr
 
 `iter_records` reads the file once, streaming (a block at a time, never the whole list as dicts), and
 yields each record with its byte range; a file it cannot read that way is handed to
-`data.load_samples`, whose errors name the file and the record.
+`data.load_samples`, whose errors name the file and the record. `iter_ranges` finds the byte ranges
+alone, without decoding the records (a scan of the mapped bytes: the check decodes them per chunk, in
+parallel), and gives the same ranges.
 """
 from __future__ import annotations
 
@@ -15,12 +17,55 @@ import codecs
 import json
 import mmap
 import os
+import re
 from array import array
 from collections.abc import Iterator
 
 from ..data import DataFileError, load_samples, normalise_record
 
 _BLOCK = 1 << 22  # characters decoded at a time; a record longer than a block is read across blocks
+
+
+def _record_pattern(depth: int) -> re.Pattern:
+    """One JSON object whose brackets nest at most `depth` deep, as bytes: strings (escapes included) are
+    skipped whole, so a bracket inside one is text. UTF-8 continuation bytes are never '"' or '\\'."""
+    string, atoms = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', rb'[^"{}\[\]]++'
+    inner = rb"(?:" + string + rb"|" + atoms + rb")*+"
+    for _ in range(depth):
+        inner = rb"(?:" + string + rb"|" + atoms + rb"|\{" + inner + rb"\}|\[" + inner + rb"\])*+"
+    return re.compile(rb"\{" + inner + rb"\}")
+
+
+_RECORD = _record_pattern(6)  # LLaVA's records nest 3 deep (record, conversations, turn); deeper: `_iter_list`
+_BLANK = re.compile(rb"[ \t\r\n]*+")
+_SEPARATOR = re.compile(rb"[ \t\r\n]*+([,\]])[ \t\r\n]*+")
+
+
+def iter_ranges(path: str) -> Iterator[tuple[int, int]]:
+    """(start byte, end byte) of every record, as `iter_records` gives them, without decoding the records.
+    A JSON list is scanned for balanced objects (a record that does not scan so, or a malformed file, is
+    left to `iter_records` from there: the same ranges, or its error); JSONL is split into its lines."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        yield from ((start, end) for start, end, _ in iter_records(path))
+        return
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        at = _BLANK.match(data, 0).end()
+        if path.endswith(".jsonl") or data[at:at + 1] != b"[":
+            yield from ((start, end) for start, end, _ in iter_records(path))
+            return
+        at = _BLANK.match(data, at + 1).end()
+        if data[at:at + 1] == b"]":
+            return
+        while True:
+            found = _RECORD.match(data, at)
+            after = _SEPARATOR.match(data, found.end()) if found else None
+            if after is None:  # not a plain record: decode from here (its range, or the file's error)
+                yield from ((start, end) for start, end, _ in iter_records(path) if start >= at)
+                return
+            yield at, found.end()
+            if after.group(1) == b"]":
+                return
+            at = after.end()
 
 
 def iter_records(path: str) -> Iterator[tuple[int, int, dict]]:
@@ -84,7 +129,7 @@ def _iter_list(path: str) -> Iterator[tuple[int, int, dict]]:
                     return text[at] if at < len(text) else ""
 
         if next_char(" \t\r\n\ufeff") != "[":
-            _unreadable(path)
+            unreadable(path)
         advance(window["at"] + 1)
         if next_char() == "]":
             return
@@ -95,9 +140,9 @@ def _iter_list(path: str) -> Iterator[tuple[int, int, dict]]:
                     break
                 except ValueError:
                     if not refill():
-                        _unreadable(path)
+                        unreadable(path)
             if not isinstance(record, dict):
-                _unreadable(path)
+                unreadable(path)
             start = window["byte"]
             advance(end)
             yield start, window["byte"], record
@@ -105,12 +150,12 @@ def _iter_list(path: str) -> Iterator[tuple[int, int, dict]]:
             if token == "]":
                 return
             if token != ",":
-                _unreadable(path)
+                unreadable(path)
             advance(window["at"] + 1)
             next_char()
 
 
-def _unreadable(path: str):
+def unreadable(path: str):
     load_samples(path)  # raises with the line, column and record it stopped at
     raise DataFileError(f"{path}: cannot be read as a JSON list of objects")
 
