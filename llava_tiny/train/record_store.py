@@ -37,6 +37,7 @@ def _record_pattern(depth: int) -> re.Pattern:
 
 
 _RECORD = _record_pattern(6)  # LLaVA's records nest 3 deep (record, conversations, turn); deeper: `_iter_list`
+_RELEASE = 1 << 26  # bytes scanned between handing the mapped pages back
 _BLANK = re.compile(rb"[ \t\r\n]*+")
 _SEPARATOR = re.compile(rb"[ \t\r\n]*+([,\]])[ \t\r\n]*+")
 
@@ -56,6 +57,7 @@ def iter_ranges(path: str) -> Iterator[tuple[int, int]]:
         at = _BLANK.match(data, at + 1).end()
         if data[at:at + 1] == b"]":
             return
+        released = 0
         while True:
             found = _RECORD.match(data, at)
             after = _SEPARATOR.match(data, found.end()) if found else None
@@ -66,6 +68,11 @@ def iter_ranges(path: str) -> Iterator[tuple[int, int]]:
             if after.group(1) == b"]":
                 return
             at = after.end()
+            if at - released > _RELEASE and hasattr(mmap, "MADV_DONTNEED"):
+                # Pages scanned leave this process's resident set (the page cache keeps them).
+                upto = at - at % mmap.PAGESIZE
+                data.madvise(mmap.MADV_DONTNEED, released, upto - released)
+                released = upto
 
 
 def iter_records(path: str) -> Iterator[tuple[int, int, dict]]:
