@@ -76,6 +76,10 @@ def plot(rows: list[dict], path: str) -> None:
         left.plot(sizes, [r[phase]["seconds"] for r in done], style, label=phase)
         right.plot(sizes, [r[phase]["rss_after_mb"] for r in done], style, label=f"{phase}: after")
         right.plot(sizes, [r[phase]["peak_rss_mb"] for r in done], style, alpha=0.4, label=f"{phase}: peak")
+    cold = [r for r in rows if r.get("cold", {}).get("workers", 1) > 1]
+    if cold:  # the check's forked workers: pages shared with the parent counted again
+        right.plot([r["records"] for r in cold], [r["cold"]["worker_peak_rss_mb"] for r in cold], "^:",
+                   label="cold: peak of one check worker")
     left.set(xlabel="records", ylabel="seconds to build the dataset", title="start-up")
     right.set(xlabel="records", ylabel="resident memory (MB)", title="memory per rank")
     for axes in (left, right):
