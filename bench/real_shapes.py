@@ -5,7 +5,7 @@ merged, exported, loaded by stock transformers and served.
 
     python -m bench.real_shapes --out runs/real_shapes            # LoRA, full (ZeRO-3 offload), QLoRA
     python -m bench.real_shapes --modes lora --out runs/rs_lora   # one mode
-    python -m bench.real_shapes --dry-run --out /tmp/rs           # tiny shapes, same phases (CI, < 60 s)
+    python -m bench.real_shapes --dry-run --out /tmp/rs           # tiny shapes, same phases (CI runs --modes lora)
 
 Every phase is its own process (tree); its wall seconds and peak resident memory (the sum over the
 tree's processes, sampled every second; two ranks count twice) go to `real_shapes.json` and
