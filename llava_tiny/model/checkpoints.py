@@ -10,6 +10,7 @@ hold the kind object that `resolve_kind` returns.
 """
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import json
@@ -129,7 +130,7 @@ class LoadOptions:
                                    version=self.version or version)
 
 
-class CheckpointKind:
+class CheckpointKind(abc.ABC):
     """One layout of a checkpoint folder. Subclass, set the attributes, implement what the kind does, and
     register an instance with `register_kind`; everything that saves, loads or checks a starting point
     asks the kind object."""
@@ -145,9 +146,9 @@ class CheckpointKind:
     bare_language_model = False  # a causal LM: a run starting from it assembles a LLaVA when given a tower
     not_a_starting_point = ""  # why a run cannot start from it ('' when it can)
 
+    @abc.abstractmethod
     def recognise(self, found: Found) -> bool:
         """Whether `found` is a checkpoint of this kind."""
-        raise NotImplementedError
 
     def saves_live(self, model) -> bool:
         """Whether `LoadedModel.save_pretrained` writes `model` as this kind."""
@@ -165,9 +166,9 @@ class CheckpointKind:
         """Load a checkpoint of this kind into the live model it was trained from (resume, best model)."""
         raise ValueError(f"{self.name} checkpoints are not loaded into a live model")
 
+    @abc.abstractmethod
     def load(self, folder: str, options: LoadOptions):
         """The `LoadedModel` in `folder` (a local folder, or the id itself when not `reads_folder`)."""
-        raise NotImplementedError
 
     def __str__(self) -> str:
         return self.name
