@@ -161,6 +161,17 @@ def named_template(name: str) -> ChatTemplate:
     return TEMPLATES[key]
 
 
+def template_name_problems(flag: str, name: str | None) -> list[str]:
+    """[] when `name` is not given or names a template; else the problem, naming `flag` (`--version`, `--conv-mode`)."""
+    if name is None or name == AUTO:
+        return []
+    try:
+        named_template(name)
+    except ValueError as err:
+        return [f"{flag}: {err}"]
+    return []
+
+
 def _lit(s: str) -> str:
     """`s` as a Jinja string literal."""
     return "'" + s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"

@@ -203,3 +203,20 @@ def test_a_nan_dpo_loss_stops_before_anything_is_applied_naming_the_pairs(tmp_pa
     inputs = {**batch, "sample_ids": ["img-a", "img-b"]}
     with pytest.raises(NonFiniteLossError, match=r"step 1: the training loss is nan for samples \['img-a', 'img-b'\]"):
         trainer.compute_loss(trainer.model, inputs)
+
+
+def test_dpo_has_no_sft_batching_flags_so_they_are_unknown_there(tmp_path):
+    """--packing and --chunked_ce are train.py's: not fields of DPO's flags (nothing to reject after parsing), so
+    train_dpo.py refuses them as it refuses any flag it does not have; every other train.py flag is DPO's too."""
+    import dataclasses
+
+    from llava_tiny.train.arguments import TrainingArguments
+
+    sft = {f.name for f in dataclasses.fields(TrainingArguments)}
+    dpo = {f.name for f in dataclasses.fields(DPOTrainingArguments)}
+    assert sft - dpo == {"packing", "chunked_ce"}
+    with pytest.raises(FlagError) as err:
+        parse_args([*required_flags(tmp_path), "--packing", "True", "--chunked_ce=True"], DPOTrainingArguments)
+    message = str(err.value)
+    for flag in ("--packing", "--chunked_ce"):
+        assert f"{flag} is not used by DPO: unknown flag" in message, message

@@ -132,3 +132,51 @@ def test_a_run_that_fails_leaves_no_watchdog_behind(tmp_path, tiny_parts, color_
                                  "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
                                  "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none"])
     assert not [t for t in threading.enumerate() if "watchdog" in t.name and t.is_alive()]
+
+
+def test_each_flag_group_checks_its_own_values_before_anything_loads(tmp_path, monkeypatch):
+    """Values outside what the code accepts are refused at the flags, with the rest, before a model loads; the
+    values --mm_vision_select_feature takes are the vision tower's select strategies (model/vision.py), and the
+    image settings' are images.py's."""
+    from llava_tiny.images import IMAGE_BACKGROUNDS
+    from llava_tiny.model.vision import SELECT_FEATURES
+
+    monkeypatch.setattr(train_module, "load_starting_point", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(FlagError) as err:
+        train_module.train(argv=[*required_flags(tmp_path), "--mm_vision_select_feature", "cls",
+                                 "--image_background", "black", "--image_aspect_ratio", "crop",
+                                 "--max_bad_sample_fraction", "2", "--lora_enable", "True", "--bits", "4",
+                                 "--quant_type", "int4", "--lora_bias", "some", "--lora_r", "0"])
+    message = str(err.value)
+    for expected in (f"--mm_vision_select_feature: unknown mm_vision_select_feature 'cls'; expected one of "
+                     f"{', '.join(SELECT_FEATURES)}", f"--image_background 'black': expected one of "
+                     f"{', '.join(IMAGE_BACKGROUNDS)}", "--image_aspect_ratio 'crop': expected one of pad",
+                     "--max_bad_sample_fraction 2.0: expected a fraction", "--quant_type 'int4': expected one of nf4",
+                     "--lora_bias 'some': expected one of none", "--lora_r 0: expected a rank"):
+        assert expected in message, message
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_flag_that_no_group_has_is_refused_with_the_other_problems(tmp_path):
+    with pytest.raises(FlagError) as err:
+        parse_args([*required_flags(tmp_path), "--lora_rank", "8", "--bits", "3"])
+    message = str(err.value)
+    assert "--lora_rank is not used by train.py: unknown flag" in message and "--bits 3: expected 4, 8 or 16" in message
+
+
+def test_the_checks_that_need_the_loaded_model_report_together_before_the_recipe_runs(tmp_path, tiny_parts, color_data,
+                                                                                      monkeypatch):
+    """--lora_target_modules (the model's layer names) and --packing (the attention implementation it loaded with)
+    are the only flags checked after the model loads: both problems in one FlagError, before any adapter is added."""
+    from llava_tiny.train.recipes import Recipe
+
+    monkeypatch.setattr(Recipe, "prepare", lambda *a: pytest.fail("the recipe ran before the flags were checked"))
+    args = parse_args(["--model_name_or_path", tiny_parts["llm"], "--vision_tower", tiny_parts["clip"],
+                       "--data_path", color_data["data_path"], "--image_folder", color_data["image_folder"],
+                       "--output_dir", str(tmp_path / "out"), "--lora_enable", "True", "--lora_target_modules", "qkv",
+                       "--packing", "True"])
+    with pytest.raises(FlagError) as err:
+        train_module.build_trainer(args, attn_implementation="eager")
+    message = str(err.value)
+    assert "--lora_target_modules qkv: matches no linear layer" in message, message
+    assert "--packing needs attn_implementation 'sdpa' or 'flash_attention_2'; the language model uses 'eager'" in message

@@ -231,6 +231,19 @@ def test_exposed_address_needs_a_key_or_an_explicit_insecure_flag(monkeypatch, c
     assert api.is_loopback("::1") and api.is_loopback("127.0.0.2") and not api.is_loopback("example.com")
 
 
+def test_server_flags_are_checked_at_once_before_the_model_loads(monkeypatch, capsys):
+    """Every problem with the server's flags in one message, from parse_args, before main loads a model (an
+    unknown --conv-mode used to surface only after the model had loaded)."""
+    monkeypatch.delenv(api.API_KEY_ENV, raising=False)
+    with pytest.raises(SystemExit):
+        api.main(["--model-path", "no-such-folder", "--conv-mode", "nope", "--max-batch-size", "0",
+                  "--default-max-tokens", "5000", "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    for expected in ("--conv-mode: unknown conversation template 'nope'", "--max-batch-size 0: expected at least 1",
+                     "--default-max-tokens 5000 is over --max-new-tokens-limit 1024", "--insecure-no-api-key"):
+        assert expected in err, err
+
+
 def test_streamed_sse_wire_format(server):
     body = {"model": "tiny-vlm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0,
             "stream": True}

@@ -55,6 +55,16 @@ def test_exposed_web_chat_needs_auth_or_an_explicit_flag(monkeypatch):
     assert web.parse_args(["--model-path", "m"]).host == "127.0.0.1"
 
 
+def test_web_chat_flags_are_checked_at_once_before_the_model_loads(capsys):
+    with pytest.raises(SystemExit):
+        web.parse_args(["--model-path", "m", "--conv-mode", "nope", "--temperature", "-1", "--max-new-tokens", "0",
+                        "--auth", "nocolon", "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    for expected in ("--conv-mode: unknown conversation template 'nope'", "--temperature -1.0: expected 0",
+                     "--max-new-tokens 0: expected at least 1", "--auth takes user:password"):
+        assert expected in err, err
+
+
 def _browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options

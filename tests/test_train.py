@@ -237,3 +237,39 @@ def test_parameter_counts_hold_when_zero3_partitions_the_frozen_weights(tiny_par
             param.ds_numel = param.numel()
             param.data = torch.empty(0, dtype=param.dtype)
     assert parameter_counts(model) == whole and 0 < whole[0] < whole[1]
+
+
+def test_the_recipe_registry_picks_the_one_recipe_each_flag_combination_asks_for():
+    """`make_recipe` asks every registered recipe's `selected_by` (no list of names beside the registry): each
+    combination selects one recipe; a recipe registered later is picked by its own rule, over the recipe it
+    refines; rules that overlap otherwise are an error that names the recipes."""
+    from types import SimpleNamespace
+
+    from llava_tiny.train.recipes import RECIPES, FullFinetune, Recipe, make_recipe, register
+
+    def pick(tune=False, lora=False, bits=16, **extra):
+        return make_recipe(SimpleNamespace(tune_mm_mlp_adapter=tune),
+                           SimpleNamespace(lora_enable=lora, bits=bits, **extra)).name
+
+    assert [pick(tune=True), pick(), pick(lora=True), pick(lora=True, bits=4), pick(lora=True, bits=8)] == \
+        ["projector", "full", "lora", "qlora", "qlora"]
+
+    @register("full_with_ema")
+    class FullWithEma(FullFinetune):
+        @staticmethod
+        def selected_by(model_args, training_args) -> bool:
+            return FullFinetune.selected_by(model_args, training_args) and getattr(training_args, "ema", False)
+
+    @register("anything_with_swa")
+    class AnythingWithSwa(Recipe):
+        @staticmethod
+        def selected_by(model_args, training_args) -> bool:
+            return getattr(training_args, "swa", False)
+
+    try:
+        assert pick(ema=True) == "full_with_ema" and pick(ema=False) == "full"
+        assert pick(lora=True, ema=True) == "lora"
+        with pytest.raises(ValueError, match=r"select 2 training recipes \(full, anything_with_swa\)"):
+            pick(swa=True)
+    finally:
+        del RECIPES["full_with_ema"], RECIPES["anything_with_swa"]

@@ -24,10 +24,18 @@ def default_select_strategy(vision_config) -> str:
     return "default" if VISION_FAMILIES[vision_family(vision_config)][1] else "full"
 
 
+# LLaVA's `mm_vision_select_feature` values -> transformers' `vision_feature_select_strategy`: 'cls_patch'
+# keeps CLS ('full'); 'patch' leaves the tower's default (`default_select_strategy`). The one list of the values
+# `--mm_vision_select_feature` accepts.
+SELECT_FEATURES = {"patch": None, "cls_patch": "full"}
+
+
 def select_strategy_for_feature(select_feature: str | None) -> str | None:
-    """LLaVA's `mm_vision_select_feature` as transformers' `vision_feature_select_strategy`: 'cls_patch' keeps
-    CLS ('full'); 'patch' (or none) leaves the tower's default (`default_select_strategy`)."""
-    return "full" if select_feature == "cls_patch" else None
+    """LLaVA's `mm_vision_select_feature` (none: 'patch') as transformers' `vision_feature_select_strategy`."""
+    if select_feature not in (None, *SELECT_FEATURES):
+        raise ValueError(f"unknown mm_vision_select_feature {select_feature!r}; expected one of "
+                         f"{', '.join(SELECT_FEATURES)}")
+    return SELECT_FEATURES.get(select_feature)
 
 
 def num_image_tokens(vision_config, select_strategy: str | None = None) -> int:

@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..images import add_image_flags
+from ..templates import template_name_problems
 from .chat_request import ApiError, ChatRequest, prepare
 from .engine import Completion, Engine
 from .served import Limits, ServedModel
@@ -224,11 +225,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="new tokens when a request does not say")
     add_image_flags(parser)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parse_checked(parser, argv, flag_problems)
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv, problems_of) -> argparse.Namespace:
+    """`parser`'s arguments; if `problems_of(args)` finds any, argparse's usage error listing every one."""
     args = parser.parse_args(argv)
-    if not is_loopback(args.host) and not args.api_key and not args.insecure_no_api_key:
-        parser.error(f"--host {args.host} is reachable from other machines and no API key is set: pass --api-key "
-                     f"(or set {API_KEY_ENV}), or --insecure-no-api-key to serve it open")
+    problems = problems_of(args)
+    if problems:
+        parser.error("invalid flags:\n  " + "\n  ".join(problems))
     return args
+
+
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    """Every problem with the server's flags, each naming its flag: checked once, before the model loads."""
+    problems = template_name_problems("--conv-mode", args.conv_mode)
+    for flag, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-images", args.max_images, 0),
+                               ("--max-request-bytes", args.max_request_bytes, 1),
+                               ("--max-image-pixels", args.max_image_pixels, 1),
+                               ("--max-new-tokens-limit", args.max_new_tokens_limit, 1),
+                               ("--default-max-tokens", args.default_max_tokens, 1)):
+        if value < least:
+            problems.append(f"{flag} {value}: expected at least {least}")
+    if args.default_max_tokens > args.max_new_tokens_limit:
+        problems.append(f"--default-max-tokens {args.default_max_tokens} is over --max-new-tokens-limit "
+                        f"{args.max_new_tokens_limit}, the most a request may ask for")
+    if not is_loopback(args.host) and not args.api_key and not args.insecure_no_api_key:
+        problems.append(f"--host {args.host} is reachable from other machines and no API key is set: pass --api-key "
+                        f"(or set {API_KEY_ENV}), or --insecure-no-api-key to serve it open")
+    return problems
 
 
 def main(argv=None) -> int:

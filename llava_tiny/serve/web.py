@@ -20,7 +20,8 @@ import sys
 from typing import Callable, Iterator
 
 from ..images import add_image_flags
-from .api import API_KEY_ENV, is_loopback
+from ..templates import template_name_problems
+from .api import API_KEY_ENV, is_loopback, parse_checked
 from .chat_request import data_url
 
 AUTH_ENV = "LLAVA_TINY_WEB_AUTH"
@@ -125,13 +126,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--auth", default=os.environ.get(AUTH_ENV), help=f"user:password (default ${AUTH_ENV})")
     parser.add_argument("--insecure-no-auth", action="store_true", help="allow a non-loopback --host without --auth")
-    args = parser.parse_args(argv)
+    return parse_checked(parser, argv, flag_problems)
+
+
+def flag_problems(args: argparse.Namespace) -> list[str]:
+    """Every problem with the chat page's flags, each naming its flag: checked once, before the model loads."""
+    problems = template_name_problems("--conv-mode", args.conv_mode)
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {args.max_new_tokens}: expected at least 1")
+    if args.temperature < 0:
+        problems.append(f"--temperature {args.temperature}: expected 0 (greedy) or more")
     if args.auth and ":" not in args.auth:
-        parser.error("--auth takes user:password")
+        problems.append("--auth takes user:password")
     if not is_loopback(args.host) and not args.auth and not args.insecure_no_auth:
-        parser.error(f"--host {args.host} is reachable from other machines: pass --auth user:password "
-                     f"(or set {AUTH_ENV}), or --insecure-no-auth")
-    return args
+        problems.append(f"--host {args.host} is reachable from other machines: pass --auth user:password "
+                        f"(or set {AUTH_ENV}), or --insecure-no-auth")
+    return problems
 
 
 def main(argv=None) -> int:

@@ -1,9 +1,17 @@
-"""Command-line flags: LLaVA's names and meanings, plus a few of ours.
+"""Command-line flags: LLaVA's names and meanings, plus a few of ours, in groups that each check themselves.
 
-`parse_args` parses and checks every flag before any model loads, and reports every problem at
-once, each naming its flag. It also turns the GPU-only flags users copy from GPU scripts (`--bf16`,
-`--tf32`) into what works on the machine at hand, with one log line each, instead of a crash, and
-names the flags it accepts but does not use (LLaVA's own, and the tower/projector flags of a text-only run).
+    ModelArguments           the starting point, tower, projector, template
+    DataArguments            data files, images and how they are prepared
+    LoraArguments            LoRA and QLoRA (part of both entry points' training flags)
+    CommonTrainingArguments  HF's TrainingArguments and ours, for every entry point
+    TrainingArguments        train.py: the common ones + --packing, --chunked_ce
+    (train_dpo.DPOTrainingArguments: the common ones + DPO's; train.py's own flags are unknown there)
+
+`parse_args` parses, then calls each group's `check(run)` once, before any model loads, and reports every
+problem at once, each naming its flag; a flag the entry point does not have is one of them. The few checks that
+need the loaded model are each group's `check_model`, run once by `check_flags_against_model`. It also names the
+flags it accepts but does not use (LLaVA's own, and the tower/projector flags of a text-only run); what happens to
+the command line before parsing is `command_line.py`.
 """
 from __future__ import annotations
 
@@ -11,17 +19,17 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
-import torch
 import transformers
+
+from ..images import ASPECT_RATIOS, IMAGE_BACKGROUNDS
+from .command_line import DDP_TIMEOUT, configure_reporting, on_gpu, prepare_argv
 
 logger = logging.getLogger(__name__)
 
-# Well under HF's 30 minutes: a hung or dead rank ends the job in 10 minutes, not 30 (raise it for saves or
-# evaluations that keep the other ranks waiting longer).
-DDP_TIMEOUT = 600
+QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit types
+LORA_BIASES = ("none", "all", "lora_only")  # peft's LoraConfig.bias
 
 
 @dataclass
@@ -41,14 +49,49 @@ class ModelArguments:
     mm_patch_merge_type: str = field(default="flat", metadata={"help": "Only 'flat' (LLaVA-1.5)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a model (off unless you pass it)."})
 
+    def check(self, run: RunArguments) -> list[str]:
+        """Problems with the model flags, and with the starting point they name (read from its config, no weights)."""
+        from ..model.projector import projector_depth
+        from ..model.vision import select_strategy_for_feature
+        from ..templates import template_name_problems
+        from .starting_point import starting_point_problems
+
+        problems = template_name_problems("--version", self.version)
+        adapter = self.pretrain_mm_mlp_adapter
+        if adapter and adapter.endswith(PICKLE_SUFFIXES):  # LLaVA's released stage-1 projectors are pickles
+            problems.append(f"--pretrain_mm_mlp_adapter {adapter}: pickled weights are never loaded here (unpickling "
+                            "can run code, CVE-2025-32434); convert it first: python scripts/convert_bin_to_safetensors.py "
+                            f"{adapter} CONVERTED_DIR, then pass CONVERTED_DIR")
+        elif adapter and not os.path.exists(adapter):
+            problems.append(f"--pretrain_mm_mlp_adapter {adapter}: no such file or folder")
+        # The registries of projectors and select strategies say what they accept.
+        for flag, value, known in (("--mm_projector_type", self.mm_projector_type, projector_depth),
+                                   ("--mm_vision_select_feature", self.mm_vision_select_feature,
+                                    select_strategy_for_feature)):
+            try:
+                known(value)
+            except ValueError as err:
+                problems.append(f"{flag}: {err}")
+        if self.mm_use_im_start_end or self.mm_use_im_patch_token:
+            problems.append("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
+                            "recipes set to False; this project supports only False")
+        if self.mm_patch_merge_type != "flat":
+            problems.append(f"--mm_patch_merge_type {self.mm_patch_merge_type!r}: only 'flat' is supported")
+        if self.tune_mm_mlp_adapter and run.training.lora_enable:
+            problems.append("--tune_mm_mlp_adapter (stage 1) trains only the projector; do not combine it with "
+                            "--lora_enable")
+        if self.tune_mm_mlp_adapter and run.training.freeze_mm_mlp_adapter:
+            problems.append("--tune_mm_mlp_adapter with --freeze_mm_mlp_adapter: nothing would train")
+        return problems + starting_point_problems(self, run.training)
+
 
 @dataclass
 class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL training data."})
     eval_data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for eval loss."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the 'image' paths are relative to."})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square, mean colour), square or resize."})
-    image_background: str = field(default="white", metadata={"help": "What transparent pixels become: white, or mean (the image processor's mean colour).", "choices": ["white", "mean"]})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": f"{', '.join(ASPECT_RATIOS)}: pad (to square, mean colour), square or resize."})
+    image_background: str = field(default="white", metadata={"help": f"What transparent pixels become: {' or '.join(IMAGE_BACKGROUNDS)} (the image processor's mean colour)."})
     lazy_preprocess: bool = field(default=True, metadata={"help": "No effect: samples are always tokenized and loaded per step."})
     is_multimodal: bool = field(default=True, metadata={"help": "No effect: accepted for LLaVA compatibility."})
     skip_bad_samples: bool = field(default=False, metadata={"help": "Skip missing/corrupt images and unfit samples (listed in output_dir) instead of stopping."})
@@ -56,26 +99,78 @@ class DataArguments:
     max_bad_sample_fraction: float = field(default=0.01, metadata={"help": "With --skip_bad_samples, stop when more than this fraction is bad."})
     data_cache_dir: str | None = field(default=None, metadata={"help": "Where the check before training is remembered (a warm start skips it): default .llava_tiny_cache/ beside the data, else ~/.cache/llava_tiny; 'none' turns it off."})
 
+    def check(self, run: RunArguments) -> list[str]:
+        """Problems with the data and image flags (the files and folder they name must exist)."""
+        problems = []
+        if self.data_path is None:
+            problems.append("--data_path is required (LLaVA JSON or JSONL)")
+        for flag, path in (("--data_path", self.data_path), ("--eval_data_path", self.eval_data_path)):
+            if path is not None and not os.path.isfile(path):
+                problems.append(f"{flag} {path}: no such file; expected a LLaVA JSON or JSONL data file")
+        if self.image_folder is not None and not os.path.isdir(self.image_folder):
+            problems.append(f"--image_folder {self.image_folder}: no such folder")
+        for flag, value, allowed in (("--image_aspect_ratio", self.image_aspect_ratio, ASPECT_RATIOS),
+                                     ("--image_background", self.image_background, IMAGE_BACKGROUNDS)):
+            if value not in allowed:
+                problems.append(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
+        if not 0 <= self.max_bad_sample_fraction <= 1:
+            problems.append(f"--max_bad_sample_fraction {self.max_bad_sample_fraction}: expected a fraction "
+                            "between 0 and 1")
+        return problems
+
 
 @dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    model_max_length: int = field(default=2048, metadata={"help": "Sequences are truncated by whole turns to this."})
+class LoraArguments:
+    """LoRA and QLoRA: the adapters and the quantized language model they train on (train.py and train_dpo.py)."""
+
     bits: int = field(default=16, metadata={"help": "4 or 8: quantize the LLM (QLoRA); 16: no quantization."})
     double_quant: bool = field(default=True, metadata={"help": "QLoRA double quantization."})
-    quant_type: str = field(default="nf4", metadata={"help": "QLoRA 4-bit type: nf4 or fp4."})
+    quant_type: str = field(default="nf4", metadata={"help": f"QLoRA 4-bit type: {' or '.join(QUANT_TYPES)}."})
     lora_enable: bool = False
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    lora_bias: str = "none"
+    lora_bias: str = field(default="none", metadata={"help": f"Which biases train with the adapters: {', '.join(LORA_BIASES)}."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets: all-linear (every linear layer of the language model but lm_head) or a comma list of module names, e.g. q_proj,v_proj."})
     lora_weight_path: str = field(default="", metadata={"help": "No effect: accepted for LLaVA compatibility."})
+
+    def check(self, run: RunArguments) -> list[str]:
+        problems = []
+        if self.bits not in (4, 8, 16):
+            problems.append(f"--bits {self.bits}: expected 4, 8 or 16")
+        elif self.bits in (4, 8) and not self.lora_enable:
+            problems.append(f"--bits {self.bits} quantizes the LLM, which can then only be trained with "
+                            "--lora_enable True")
+        if self.quant_type not in QUANT_TYPES:
+            problems.append(f"--quant_type {self.quant_type!r}: expected one of {', '.join(QUANT_TYPES)}")
+        if self.lora_bias not in LORA_BIASES:
+            problems.append(f"--lora_bias {self.lora_bias!r}: expected one of {', '.join(LORA_BIASES)}")
+        if self.lora_r < 1:
+            problems.append(f"--lora_r {self.lora_r}: expected a rank of at least 1")
+        return problems
+
+    def check_model(self, model) -> list[str]:
+        """--lora_target_modules against the loaded model's layer names (no config file lists them)."""
+        from ..model.lora import lora_target_names
+
+        if not self.lora_enable:
+            return []
+        try:
+            lora_target_names(model, self.lora_target_modules)
+        except ValueError as err:
+            return [str(err)]
+        return []
+
+
+@dataclass
+class CommonTrainingArguments(LoraArguments, transformers.TrainingArguments):
+    """HF's flags, LLaVA's and ours that every training entry point (train.py, train_dpo.py) uses."""
+
+    model_max_length: int = field(default=2048, metadata={"help": "Sequences are truncated by whole turns to this."})
     freeze_mm_mlp_adapter: bool = field(default=False, metadata={"help": "Keep the projector frozen."})
     mm_projector_lr: float | None = field(default=None, metadata={"help": "Projector learning rate (own parameter group)."})
     mm_vision_tower_lr: float | None = field(default=None, metadata={"help": "Vision tower learning rate when unfrozen."})
     group_by_modality_length: bool = field(default=False, metadata={"help": "Batches of image-only or text-only samples, grouped by length."})
-    packing: bool = field(default=False, metadata={"help": "Padding-free batches: each batch packed into one row, attention kept within each sample, logits only for supervised tokens (sdpa or flash_attention_2)."})
-    chunked_ce: bool = field(default=False, metadata={"help": "Compute the loss from hidden states in chunks: no full-vocabulary logits for every position at once."})
     cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached (every from_pretrained)."})
     mpt_attn_impl: str | None = field(default=None, metadata={"help": "No effect: LLaVA's MPT option."})
     remove_unused_columns: bool = False
@@ -84,110 +179,58 @@ class TrainingArguments(transformers.TrainingArguments):
     skip_nan_steps: bool = field(default=False, metadata={"help": "On a NaN/inf loss, skip the step and count it instead of stopping."})
     ddp_timeout: int = field(default=DDP_TIMEOUT, metadata={"help": "Seconds a collective may wait for the other processes before the job stops with every rank's stack (HF's default is 1800)."})
 
-    def own_flag_problems(self, model_args, data_args) -> list[str]:
-        """Problems with the flags a subclass adds (`train_dpo.DPOTrainingArguments`), reported with the rest."""
-        return []
+    # The entry point these flags belong to, as an unknown flag's message names it.
+    used_by: ClassVar[str] = "this entry point"
+
+    def check(self, run: RunArguments) -> list[str]:
+        problems = []
+        if self.skip_nan_steps and self.deepspeed:
+            problems.append("--skip_nan_steps cannot be used with --deepspeed: DeepSpeed applies the update inside "
+                            "backward, so a step cannot be dropped after its loss is seen. Without it, the run stops "
+                            "at a NaN/inf loss with the step, the sample ids and the last good checkpoint")
+        return problems + LoraArguments.check(self, run)
+
+    def check_model(self, model) -> list[str]:
+        """Problems that only the loaded model shows (see `check_flags_against_model`)."""
+        return LoraArguments.check_model(self, model)
+
+
+@dataclass
+class TrainingArguments(CommonTrainingArguments):
+    """train.py's flags: the common ones, and supervised batching and loss (--packing, --chunked_ce)."""
+
+    packing: bool = field(default=False, metadata={"help": "Padding-free batches: each batch packed into one row, attention kept within each sample, logits only for supervised tokens (sdpa or flash_attention_2)."})
+    chunked_ce: bool = field(default=False, metadata={"help": "Compute the loss from hidden states in chunks: no full-vocabulary logits for every position at once."})
+
+    used_by: ClassVar[str] = "train.py"
+
+    def check(self, run: RunArguments) -> list[str]:
+        problems = super().check(run)
+        if self.chunked_ce and transformers.integrations.is_deepspeed_zero3_enabled():
+            # Recomputing a chunk re-runs lm_head in backward, where ZeRO-3 hands a frozen lm_head's
+            # partitioned (empty) weight: torch.utils.checkpoint then fails on the mismatch.
+            problems.append("--chunked_ce cannot run under ZeRO-3; use ZeRO-2, or drop --chunked_ce (with --packing "
+                            "logits are computed only for supervised tokens)")
+        return problems
+
+    def check_model(self, model) -> list[str]:
+        """Also --packing against the attention implementation the model loaded with (transformers picks it
+        at load time, from what the model and the machine support)."""
+        from .packing import packed_attention_problem
+
+        problems = super().check_model(model)
+        if self.packing and (problem := packed_attention_problem(model)):
+            problems.append(problem)
+        return problems
 
 
 class RunArguments(NamedTuple):
-    """The parsed flags of one run (unpacks as `model_args, data_args, training_args`)."""
+    """The parsed flags of one run (unpacks as `model_args, data_args, training_args`); each group checks itself
+    with `check(run)` (it may read the other groups where a rule spans them)."""
 
     model: ModelArguments
     data: DataArguments
-    training: TrainingArguments
-
-
-# Flags renamed by transformers that LLaVA scripts still pass.
-# (--warmup_ratio R: transformers 5 reads a warmup_steps value below 1 as a ratio.)
-RENAMED_FLAGS = {"--evaluation_strategy": "--eval_strategy", "--warmup_ratio": "--warmup_steps"}
-
-
-def _normalise_argv(argv: list[str]) -> list[str]:
-    out, i = [], 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        i += 1
-        if name == "--group_by_length":
-            # transformers 5 replaced this bool with --train_sampling_strategy group_by_length.
-            if not eq and i < len(argv) and argv[i].lower() in ("true", "false", "1", "0"):
-                value, i = argv[i], i + 1
-            if value.lower() in ("", "true", "1"):
-                out += ["--train_sampling_strategy", "group_by_length"]
-            continue
-        out.append(RENAMED_FLAGS.get(name, name) + eq + value)
-    return out
-
-
-def _on_gpu() -> bool:
-    return torch.cuda.is_available()
-
-
-def _adapt_precision_flags(argv: list[str]) -> list[str]:
-    """On a CPU, --bf16/--fp16/--tf32 True become fp32 with one log line (the dtype policy)."""
-    if _on_gpu():
-        return argv
-    out, i = [], 0
-    while i < len(argv):
-        name, eq, value = argv[i].partition("=")
-        if name not in ("--bf16", "--fp16", "--tf32"):
-            out.append(argv[i])
-            i += 1
-            continue
-        if not eq:  # "--bf16 True" or a bare "--bf16"
-            has_value = i + 1 < len(argv) and not argv[i + 1].startswith("--")
-            value = argv[i + 1] if has_value else "True"
-            i += 1 if not has_value else 2
-        else:
-            i += 1
-        if value.lower() in ("true", "1", "yes"):
-            logger.warning("%s True ignored: no GPU here, training in float32 on the CPU", name)
-    return out
-
-
-def _configure_reporting(args: TrainingArguments) -> None:
-    """wandb never prompts on a batch node: offline unless logged in, or off if not installed."""
-    if "wandb" not in (args.report_to or []):
-        return
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        logger.warning("--report_to wandb: wandb is not installed (pip install llava-tiny[wandb]); not reporting to it")
-        args.report_to = [r for r in args.report_to if r != "wandb"]
-        return
-    logged_in = os.environ.get("WANDB_API_KEY") or os.path.exists(os.path.expanduser("~/.netrc"))
-    if not logged_in and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
-        os.environ["WANDB_MODE"] = "offline"
-        logger.warning("--report_to wandb: no wandb login found; logging offline (sync later with `wandb sync`)")
-
-
-def _ddp_timeout(argv: list[str]) -> int:
-    """--ddp_timeout from the command line (the process group exists before the flags are parsed)."""
-    for i, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if name == "--ddp_timeout":
-            return int(value if eq else argv[i + 1])
-    return DDP_TIMEOUT
-
-
-def _init_cpu_distributed(argv: list[str]) -> None:
-    """DeepSpeed on a CPU: gloo, initialised before TrainingArguments (else the batch-size check fails)."""
-    if _on_gpu() or not any(a.split("=")[0] == "--deepspeed" for a in argv):
-        return
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    import deepspeed
-
-    from .._quiet import announce_deepspeed_cpu_build
-
-    announce_deepspeed_cpu_build()  # the first CPU run compiles a C++ op (~1 min): say so
-    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=_ddp_timeout(argv)))
+    training: CommonTrainingArguments
 
 
 # LLaVA flags accepted so that users' scripts run, with no effect here (named once at start).
@@ -203,62 +246,17 @@ class FlagError(ValueError):
     """Flags that cannot run together or point at nothing; the message lists every problem by flag."""
 
 
-def flag_problems(model_args, data_args, training_args) -> list[str]:
-    """Every problem with the flags, each naming its flag; checked before any model loads."""
-    from ..conversation import get_template
-    from ..images import ASPECT_RATIOS
-    from ..model.projector import projector_depth
-    from .starting_point import starting_point_problems
+def raise_flag_problems(problems: list[str]) -> None:
+    """`FlagError` listing every problem, one line each; nothing when there is none."""
+    if problems:
+        raise FlagError("invalid flags:\n" + "\n".join(f"  {p}" for p in problems))
 
-    problems = []
-    if data_args.data_path is None:
-        problems.append("--data_path is required (LLaVA JSON or JSONL)")
-    for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
-        if path is not None and not os.path.isfile(path):
-            problems.append(f"{flag} {path}: no such file; expected a LLaVA JSON or JSONL data file")
-    if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
-        problems.append(f"--image_folder {data_args.image_folder}: no such folder")
-    if data_args.image_aspect_ratio not in ASPECT_RATIOS:
-        problems.append(f"--image_aspect_ratio {data_args.image_aspect_ratio!r}: expected one of {ASPECT_RATIOS}")
-    adapter = model_args.pretrain_mm_mlp_adapter
-    if adapter and adapter.endswith(PICKLE_SUFFIXES):  # LLaVA's released stage-1 projectors are pickles
-        problems.append(f"--pretrain_mm_mlp_adapter {adapter}: pickled weights are never loaded here (unpickling can "
-                        "run code, CVE-2025-32434); convert it first: python scripts/convert_bin_to_safetensors.py "
-                        f"{adapter} CONVERTED_DIR, then pass CONVERTED_DIR")
-    elif adapter and not os.path.exists(adapter):
-        problems.append(f"--pretrain_mm_mlp_adapter {adapter}: no such file or folder")
-    for flag, check in (("--mm_projector_type", lambda: projector_depth(model_args.mm_projector_type)),
-                        ("--version", lambda: model_args.version is None or get_template(model_args.version))):
-        try:
-            check()
-        except ValueError as err:
-            problems.append(f"{flag}: {err}")
-    if model_args.mm_vision_select_feature not in ("patch", "cls_patch"):
-        problems.append(f"--mm_vision_select_feature {model_args.mm_vision_select_feature!r}: expected patch or cls_patch")
-    if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
-        problems.append("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
-                        "recipes set to False; this project supports only False")
-    if model_args.mm_patch_merge_type != "flat":
-        problems.append(f"--mm_patch_merge_type {model_args.mm_patch_merge_type!r}: only 'flat' is supported")
-    if training_args.bits not in (4, 8, 16):
-        problems.append(f"--bits {training_args.bits}: expected 4, 8 or 16")
-    elif training_args.bits in (4, 8) and not training_args.lora_enable:
-        problems.append(f"--bits {training_args.bits} quantizes the LLM, which can then only be trained with "
-                        "--lora_enable True")
-    if model_args.tune_mm_mlp_adapter and training_args.lora_enable:
-        problems.append("--tune_mm_mlp_adapter (stage 1) trains only the projector; do not combine it with --lora_enable")
-    if model_args.tune_mm_mlp_adapter and training_args.freeze_mm_mlp_adapter:
-        problems.append("--tune_mm_mlp_adapter with --freeze_mm_mlp_adapter: nothing would train")
-    if training_args.skip_nan_steps and training_args.deepspeed:
-        problems.append("--skip_nan_steps cannot be used with --deepspeed: DeepSpeed applies the update inside "
-                        "backward, so a step cannot be dropped after its loss is seen. Without it, the run stops at "
-                        "a NaN/inf loss with the step, the sample ids and the last good checkpoint")
-    if training_args.chunked_ce and transformers.integrations.is_deepspeed_zero3_enabled():
-        # Recomputing a chunk re-runs lm_head in backward, where ZeRO-3 hands a frozen lm_head's
-        # partitioned (empty) weight: torch.utils.checkpoint then fails on the mismatch.
-        problems.append("--chunked_ce cannot run under ZeRO-3; use ZeRO-2, or drop --chunked_ce (with --packing "
-                        "logits are computed only for supervised tokens)")
-    return problems + starting_point_problems(model_args, training_args)
+
+def check_flags_against_model(training_args: CommonTrainingArguments, model) -> None:
+    """The only flag checks made after a model loads, because only the loaded model can answer them: which layers
+    --lora_target_modules names, and which attention implementation --packing would run with. Called once, right
+    after the starting point loads and before the recipe changes it."""
+    raise_flag_problems(training_args.check_model(model))
 
 
 def _name_flags_without_effect(argv: list[str], model_args, training_args) -> None:
@@ -274,27 +272,35 @@ def _name_flags_without_effect(argv: list[str], model_args, training_args) -> No
         logger.warning("no effect in a text-only run (no vision tower, no projector): %s", ", ".join(vision))
 
 
-def parse_args(argv: list[str] | None = None, training_class: type | None = None) -> RunArguments:
-    """Parse LLaVA-style flags into (model, data, training) arguments; `FlagError` lists every problem.
+def _unknown_flag_problems(remaining: list[str], used_by: str) -> list[str]:
+    """What HfArgumentParser did not take: each unknown flag by name (its value goes with it), else the strays."""
+    unknown = [arg.split("=")[0] for arg in remaining if arg.startswith("-")]
+    if unknown:
+        return [f"{flag} is not used by {used_by}: unknown flag (--help lists the flags)" for flag in unknown]
+    return [f"{arg!r}: not a flag (flags start with --)" for arg in remaining]
 
-    `training_class`: a `TrainingArguments` subclass with more flags (DPO's), checked by its `own_flag_problems`."""
-    argv = _adapt_precision_flags(_normalise_argv(list(sys.argv[1:] if argv is None else argv)))
-    if not _on_gpu() and not any(a.split("=")[0] == "--use_cpu" for a in argv):
-        argv += ["--use_cpu", "True"]  # must be set when TrainingArguments is created (world size)
-    _init_cpu_distributed(argv)
-    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, training_class or TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+def parse_args(argv: list[str] | None = None, training_class: type[CommonTrainingArguments] | None = None
+               ) -> RunArguments:
+    """Parse LLaVA-style flags into (model, data, training) arguments, each group checked by its `check` before
+    any model loads; `FlagError` lists every problem, unknown flags included.
+
+    `training_class`: the entry point's training flags, `TrainingArguments` (train.py) or DPO's."""
+    training_class = training_class or TrainingArguments
+    argv = prepare_argv(list(sys.argv[1:] if argv is None else argv))
+    parser = transformers.HfArgumentParser((ModelArguments, DataArguments, training_class))
+    *groups, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    run = RunArguments(*groups)
     # An empty value is a flag not given: the scripts pass "$VISION_TOWER", and VISION_TOWER="" is a text-only run.
-    model_args.vision_tower = model_args.vision_tower or None
-    data_args.image_folder = data_args.image_folder or None
-    problems = flag_problems(model_args, data_args, training_args)
-    problems += training_args.own_flag_problems(model_args, data_args)
-    if problems:
-        raise FlagError("invalid flags:\n" + "\n".join(f"  {p}" for p in problems))
-    _name_flags_without_effect(argv, model_args, training_args)
-    if not _on_gpu():
+    run.model.vision_tower = run.model.vision_tower or None
+    run.data.image_folder = run.data.image_folder or None
+    raise_flag_problems(_unknown_flag_problems(remaining, training_class.used_by)
+                        + [problem for group in run for problem in group.check(run)])
+    training_args = run.training
+    _name_flags_without_effect(argv, run.model, training_args)
+    if not on_gpu():
         training_args.dataloader_pin_memory = False
     if training_args.gradient_checkpointing and training_args.gradient_checkpointing_kwargs is None:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    _configure_reporting(training_args)
-    return RunArguments(model_args, data_args, training_args)
+    configure_reporting(training_args)
+    return run

@@ -56,22 +56,29 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, packed_segm
     return torch.cat(rows), None
 
 
-def use_packed_attention(model) -> None:
-    """Make the language model of `model` attend within each packed sample.
+def packed_attention_problem(model) -> str | None:
+    """Why `--packing` cannot run on `model`'s attention implementation, or None: flash-attention (its varlen
+    kernel follows `position_ids`) and SDPA (run per sample) keep samples apart; any other implementation
+    would attend over the whole packed row."""
+    implementation = language_of(model).config._attn_implementation
+    if implementation in (PACKED_SDPA, "sdpa", "flash_attention_2", "flash_attention_3"):
+        return None
+    return (f"--packing needs attn_implementation 'sdpa' or 'flash_attention_2'; the language model "
+            f"uses {implementation!r}")
 
-    flash-attention needs nothing (its varlen kernel follows `position_ids`); SDPA is switched to
-    `packed_sdpa_attention`. Other implementations would compute attention over the whole packed
-    row, so they are refused. The switch is not saved in checkpoints.
+
+def use_packed_attention(model) -> None:
+    """Make the language model of `model` attend within each packed sample: SDPA is switched to
+    `packed_sdpa_attention`, flash-attention needs nothing, others are refused (`packed_attention_problem`,
+    which the flag check runs first). The switch is not saved in checkpoints.
     """
+    problem = packed_attention_problem(model)
+    if problem:
+        raise ValueError(problem)
     language_model = language_of(model)
-    implementation = language_model.config._attn_implementation
-    if implementation in (PACKED_SDPA, "flash_attention_2", "flash_attention_3"):
-        return
-    if implementation != "sdpa":
-        raise ValueError(f"--packing needs attn_implementation 'sdpa' or 'flash_attention_2'; the language model "
-                         f"uses {implementation!r}")
-    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-    language_model.config._attn_implementation = PACKED_SDPA
+    if language_model.config._attn_implementation == "sdpa":
+        AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+        language_model.config._attn_implementation = PACKED_SDPA
 
 
 class PackingCollator:

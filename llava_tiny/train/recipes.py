@@ -7,10 +7,12 @@
 
 The projector trains unless --freeze_mm_mlp_adapter; the tower only with --unfreeze_mm_vision_tower
 (not in stage 1). A recipe is the only place that decides what is frozen. Add one: a `Recipe`
-subclass with `@register("name")`, and its flag in `recipe_name`.
+subclass with `@register("name")` and its `selected_by` rule (the flags that ask for it); `make_recipe`
+asks every registered recipe, and a subclass whose rule narrows its parent's wins over it.
 """
 from __future__ import annotations
 
+import abc
 import logging
 
 import torch
@@ -35,17 +37,16 @@ def register(name: str):
     return add
 
 
-def recipe_name(model_args, training_args) -> str:
-    """The recipe the flags ask for (flag combinations are checked in `arguments.flag_problems`)."""
-    if model_args.tune_mm_mlp_adapter:
-        return "projector"
-    if training_args.lora_enable:
-        return "qlora" if training_args.bits in (4, 8) else "lora"
-    return "full"
-
-
 def make_recipe(model_args, training_args) -> Recipe:
-    return RECIPES[recipe_name(model_args, training_args)](model_args, training_args)
+    """The registered recipe whose `selected_by` accepts the flags; where several do, the one that is a subclass
+    of all the others (QLoRA is LoRA on a quantized model). Flag combinations were checked in `arguments.parse_args`."""
+    accepting = [recipe for recipe in RECIPES.values() if recipe.selected_by(model_args, training_args)]
+    chosen = [recipe for recipe in accepting if all(issubclass(recipe, other) for other in accepting)]
+    if len(chosen) != 1:  # rules that overlap without one recipe refining the other: a recipe to fix, not a flag
+        raise ValueError(f"the flags select {len(accepting)} training recipes ({', '.join(r.name for r in accepting)}) "
+                         "and none refines the others; a recipe's selected_by must exclude the others' flags, or "
+                         "the recipe must subclass the one it refines")
+    return chosen[0](model_args, training_args)
 
 
 def _parts(model) -> dict[str, list[torch.nn.Module]]:
@@ -74,7 +75,7 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
-class Recipe:
+class Recipe(abc.ABC):
     """One way to train: a tuning per part ('frozen' / 'full' / 'lora') and the checkpoint kind it saves."""
 
     name = ""
@@ -82,6 +83,11 @@ class Recipe:
 
     def __init__(self, model_args, training_args):
         self.model_args, self.training_args = model_args, training_args
+
+    @staticmethod
+    @abc.abstractmethod
+    def selected_by(model_args, training_args) -> bool:
+        """Whether the flags ask for this recipe (a subclass's rule may narrow its parent's: it is then preferred)."""
 
     def tuning(self) -> dict[str, str]:
         """Part ('language_model', 'vision_tower', 'projector') -> FROZEN, FULL or LORA."""
@@ -156,6 +162,10 @@ class Recipe:
 class ProjectorPretrain(Recipe):
     checkpoint_kind = checkpoint_kinds.PROJECTOR
 
+    @staticmethod
+    def selected_by(model_args, training_args) -> bool:
+        return model_args.tune_mm_mlp_adapter
+
     def tuning(self) -> dict[str, str]:
         return {"language_model": FROZEN, "vision_tower": FROZEN, "projector": FULL}
 
@@ -164,10 +174,18 @@ class ProjectorPretrain(Recipe):
 class FullFinetune(Recipe):
     checkpoint_kind = checkpoint_kinds.FULL
 
+    @staticmethod
+    def selected_by(model_args, training_args) -> bool:
+        return not model_args.tune_mm_mlp_adapter and not training_args.lora_enable
+
 
 @register("lora")
 class LoraFinetune(Recipe):
     checkpoint_kind = checkpoint_kinds.LORA
+
+    @staticmethod
+    def selected_by(model_args, training_args) -> bool:
+        return not model_args.tune_mm_mlp_adapter and training_args.lora_enable
 
     def tuning(self) -> dict[str, str]:
         return {**super().tuning(), "language_model": LORA}
@@ -175,6 +193,10 @@ class LoraFinetune(Recipe):
 
 @register("qlora")
 class QLoraFinetune(LoraFinetune):
+    @staticmethod
+    def selected_by(model_args, training_args) -> bool:
+        return LoraFinetune.selected_by(model_args, training_args) and training_args.bits in (4, 8)
+
     def quantization_config(self, dtype: torch.dtype):
         from transformers import BitsAndBytesConfig
 

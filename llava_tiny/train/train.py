@@ -24,7 +24,7 @@ from transformers import set_seed  # noqa: E402
 from llava_tiny.model import image_seq_length  # noqa: E402
 from llava_tiny.model.builder import resolve_dtype  # noqa: E402
 from llava_tiny.model.checkpoints import load_projector_weights  # noqa: E402
-from llava_tiny.train.arguments import RunArguments, parse_args  # noqa: E402
+from llava_tiny.train.arguments import RunArguments, check_flags_against_model, parse_args  # noqa: E402
 from llava_tiny.train.callbacks import PreemptionCallback  # noqa: E402
 from llava_tiny.train.dataset import LazySupervisedDataset  # noqa: E402
 from llava_tiny.train.distributed import PeerWatchdog, StepWatchdog, end_process_group  # noqa: E402
@@ -64,6 +64,8 @@ def build_trainer(args: RunArguments, attn_implementation: str | None = None) ->
     """The model (with the recipe applied), the datasets and the trainer for parsed `args`."""
     training_args = args.training
     loaded, model, recipe = load_model_for_training(args, attn_implementation)
+    if training_args.packing:
+        use_packed_attention(model)
     train_dataset, eval_dataset = make_datasets(loaded, args)
     return LlavaTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -97,6 +99,7 @@ def load_model_for_training(args: RunArguments, attn_implementation: str | None 
     dtype = resolve_dtype(device, requested)
     loaded = load_starting_point(model_args, training_args, dtype, recipe.quantization_config(dtype),
                                  _attention(attn_implementation))
+    check_flags_against_model(training_args, loaded.model)  # before the recipe changes the model
     if getattr(loaded.model.config, "vision_config", None) is not None:  # saved: how this model sees images
         loaded.model.config.image_aspect_ratio = data_args.image_aspect_ratio
         loaded.model.config.image_background = data_args.image_background
@@ -105,8 +108,6 @@ def load_model_for_training(args: RunArguments, attn_implementation: str | None 
         logger.info("projector initialised from %s", model_args.pretrain_mm_mlp_adapter)
     model = recipe.prepare(loaded.model)
     run_frozen_tower_without_grad(model)
-    if training_args.packing:
-        use_packed_attention(model)
     return loaded, model, recipe
 
 

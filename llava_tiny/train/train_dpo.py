@@ -1,5 +1,6 @@
 """Preference tuning (DPO) of a LLaVA: `train.py`'s run (flags, recipes, checkpoints, resume, preemption,
-NaN guard, DeepSpeed) with preference pairs and the DPO loss.
+NaN guard, DeepSpeed) with preference pairs and the DPO loss; train.py's `--packing` and `--chunked_ce` are
+not DPO flags.
 
     deepspeed llava_tiny/train/train_dpo.py --deepspeed zero_configs/zero3.json \\
         --model_name_or_path runs/sft --lora_enable True --freeze_mm_mlp_adapter True \\
@@ -15,11 +16,12 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 if __package__ in (None, ""):  # `deepspeed llava_tiny/train/train_dpo.py`: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from llava_tiny.train.arguments import RunArguments, TrainingArguments  # noqa: E402
+from llava_tiny.train.arguments import CommonTrainingArguments, RunArguments  # noqa: E402
 from llava_tiny.train.dpo import LOSS_TYPES  # noqa: E402
 from llava_tiny.train.dpo_trainer import DPOTrainer  # noqa: E402
 from llava_tiny.train.preference_dataset import PreferenceCollator, PreferenceDataset  # noqa: E402
@@ -28,8 +30,9 @@ from llava_tiny.train.train import load_model_for_training, make_datasets, train
 
 
 @dataclass
-class DPOTrainingArguments(TrainingArguments):
-    """`train.py`'s flags plus DPO's (parsed only by this entry point)."""
+class DPOTrainingArguments(CommonTrainingArguments):
+    """The flags every run shares plus DPO's. train.py's batching and loss flags (--packing, --chunked_ce) are not
+    here, so passing them is an unknown flag: DPO needs each answer's log-probability per row."""
 
     dpo_beta: float = field(default=0.1, metadata={"help": "DPO beta: how far the policy may move from the reference."})
     dpo_loss: str = field(default="sigmoid", metadata={"help": f"DPO loss: {', '.join(LOSS_TYPES)}."})
@@ -37,19 +40,18 @@ class DPOTrainingArguments(TrainingArguments):
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute the reference log-probs once, "
                                                                             "before the first step (no reference model in memory)."})
 
-    def own_flag_problems(self, model_args, data_args) -> list[str]:
-        problems = []
+    used_by: ClassVar[str] = "DPO"
+
+    def check(self, run: RunArguments) -> list[str]:
+        problems = super().check(run)
         if self.dpo_loss not in LOSS_TYPES:
             problems.append(f"--dpo_loss {self.dpo_loss!r}: expected one of {', '.join(LOSS_TYPES)}")
         if not self.dpo_beta > 0:
             problems.append(f"--dpo_beta {self.dpo_beta}: expected a positive number (0.1 is usual)")
         if self.dpo_sft_weight < 0:
             problems.append(f"--dpo_sft_weight {self.dpo_sft_weight}: expected 0 (off) or a positive weight")
-        for flag, on in (("--packing", self.packing), ("--chunked_ce", self.chunked_ce)):
-            if on:
-                problems.append(f"{flag} is not used by DPO (it needs each answer's log-probability per row); drop it")
-        if self.lora_enable and not self.precompute_ref_log_probs and not is_text_only(model_args, self) and \
-                (not self.freeze_mm_mlp_adapter or model_args.unfreeze_mm_vision_tower):  # text-only: adapters alone
+        if self.lora_enable and not self.precompute_ref_log_probs and not is_text_only(run.model, self) and \
+                (not self.freeze_mm_mlp_adapter or run.model.unfreeze_mm_vision_tower):  # text-only: adapters alone
             problems.append("--lora_enable: the reference model is this model with its adapters disabled, so nothing "
                             "but the adapters may train: add --freeze_mm_mlp_adapter True (and drop "
                             "--unfreeze_mm_vision_tower), or pass --precompute_ref_log_probs True")
