@@ -146,13 +146,16 @@ def test_each_flag_group_checks_its_own_values_before_anything_loads(tmp_path, m
         train_module.train(argv=[*required_flags(tmp_path), "--mm_vision_select_feature", "cls",
                                  "--image_background", "black", "--image_aspect_ratio", "crop",
                                  "--max_bad_sample_fraction", "2", "--lora_enable", "True", "--bits", "4",
-                                 "--quant_type", "int4", "--lora_bias", "some", "--lora_r", "0"])
+                                 "--quant_type", "int4", "--lora_bias", "some", "--lora_r", "0",
+                                 "--tune_mm_mlp_adapter", "True", "--freeze_mm_mlp_adapter", "True"])
     message = str(err.value)
     for expected in (f"--mm_vision_select_feature: unknown mm_vision_select_feature 'cls'; expected one of "
                      f"{', '.join(SELECT_FEATURES)}", f"--image_background 'black': expected one of "
                      f"{', '.join(IMAGE_BACKGROUNDS)}", "--image_aspect_ratio 'crop': expected one of pad",
                      "--max_bad_sample_fraction 2.0: expected a fraction", "--quant_type 'int4': expected one of nf4",
-                     "--lora_bias 'some': expected one of none", "--lora_r 0: expected a rank"):
+                     "--lora_bias 'some': expected one of none", "--lora_r 0: expected a rank",
+                     "--tune_mm_mlp_adapter (stage 1) trains only the projector; do not combine it with --lora_enable",
+                     "--tune_mm_mlp_adapter with --freeze_mm_mlp_adapter: nothing would train"):
         assert expected in message, message
     assert not os.path.exists(tmp_path / "out")
 
