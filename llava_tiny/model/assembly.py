@@ -17,7 +17,7 @@ from transformers.integrations import deepspeed as hf_deepspeed
 from ..conversation import IMAGE_TOKEN, chat_template_jinja, get_template, prepare_tokenizer
 from .checkpoints import CheckpointKind, kind_saving, save_checkpoint
 from .modeling import LlavaTinyConfig, LlavaTinyForCausalLM
-from .projector import build_projector
+from .projector import build_projector, projector_image_tokens
 from .vision import VISION_FAMILIES, default_select_strategy, load_vision_tower, num_image_tokens, vision_family
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,26 @@ def _resize_embeddings(llm, vocab_size: int) -> None:
             emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
 
 
+def _processor_patch_size(config: LlavaTinyConfig) -> int:
+    """The patch size with which a stock `LlavaProcessor` counts `config.image_seq_length` placeholders: it counts
+    (image_size // patch_size)^2 (+ CLS under 'full'), so the tower's own, or k times it for a projector that
+    pools k x k patches. Another projector's count it cannot express: said, and the tower's is kept."""
+    vision = config.vision_config
+    extra = num_image_tokens(vision, config.vision_feature_select_strategy) - (vision.image_size // vision.patch_size) ** 2
+    for k in range(1, vision.image_size // vision.patch_size + 1):
+        if (vision.image_size // (vision.patch_size * k)) ** 2 + extra == config.image_seq_length:
+            return vision.patch_size * k
+    logger.warning("mm_projector_type %r gives %d image tokens, a count a stock LlavaProcessor cannot make: the saved "
+                   "processor's <image> expansion does not fit this model (llava_tiny's own prompts do)",
+                   config.mm_projector_type, config.image_seq_length)
+    return vision.patch_size
+
+
 def build_processor(image_processor, tokenizer, config: LlavaTinyConfig, template: str) -> LlavaProcessor:
     """A stock `LlavaProcessor` that expands `<image>` exactly as training does."""
     has_cls = VISION_FAMILIES[vision_family(config.vision_config)][1]
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=_processor_patch_size(config),
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=chat_template_jinja(template, tokenizer), image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if has_cls else 0)
@@ -164,11 +179,12 @@ def attach_vision(text: LoadedModel, vision_tower: str, mm_projector_type: str =
     tower, image_processor = load_vision_tower(vision_tower, dtype=dtype, trust_remote_code=trust_remote_code,
                                                cache_dir=cache_dir)
     strategy = vision_select_strategy or default_select_strategy(tower.config)
+    image_tokens = projector_image_tokens(mm_projector_type, num_image_tokens(tower.config, strategy))
     template = llm.config.conversation_template
     config = LlavaTinyConfig(
         text_config=llm.config, vision_config=tower.config, mm_projector_type=mm_projector_type,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=num_image_tokens(tower.config, strategy), vision_feature_layer=mm_vision_select_layer,
+        image_seq_length=image_tokens, vision_feature_layer=mm_vision_select_layer,
         vision_feature_select_strategy=strategy, projector_hidden_act="gelu",
         mm_llm_path=str(llm_path), mm_vision_tower=str(vision_tower), conversation_template=template)
     with torch.device("meta"), _without_zero3_init():

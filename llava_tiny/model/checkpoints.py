@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from ..images import processor_for_aspect_ratio
 from .llava_original import pickled_weights_error
 from .modeling import LlavaTinyConfig
+from .projector import projector_image_tokens
 from .vision import num_image_tokens
 
 logger = logging.getLogger(__name__)
@@ -253,7 +254,8 @@ def read_config(path: str) -> LlavaTinyConfig:
     config = LlavaTinyConfig.from_dict(data)
     # Counted from the tower, as stock transformers' processor does: a stock LlavaConfig built around another
     # tower keeps the default 576 (written right on save).
-    counted = num_image_tokens(config.vision_config, config.vision_feature_select_strategy)
+    counted = projector_image_tokens(config.mm_projector_type,
+                                     num_image_tokens(config.vision_config, config.vision_feature_select_strategy))
     if config.image_seq_length != counted:
         vision = config.vision_config
         logger.warning("%s: config.json says image_seq_length %s, but its vision tower (%d px images, %d px patches, "

@@ -1,10 +1,63 @@
-"""Projector builders: vision features -> language-model embeddings (`--mm_projector_type`)."""
+"""Projectors: vision features -> language-model embeddings (`--mm_projector_type`).
+
+A projector type is one `@register_projector(pattern)` builder here: `pattern` is a regular expression its
+names match (`mlp(\\d+)x_gelu`), the builder makes the module from the name's match and the two hidden sizes,
+and `image_tokens` (optional) says how many features per image it gives back for the tower's count, for a
+projector that pools or merges patches. The model config's `image_seq_length`, the placeholder count the data
+expands `<image>` to, follows from it.
+"""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 from transformers.activations import ACT2FN
+
+
+@dataclass(frozen=True)
+class ProjectorType:
+    pattern: re.Pattern
+    build: Callable[..., nn.Module]  # (match, vision_hidden_size, text_hidden_size, bias) -> module
+    image_tokens: Callable[[int], int]  # the tower's features per image -> the projector's
+
+
+PROJECTORS: list[ProjectorType] = []
+
+
+def register_projector(pattern: str, image_tokens: Callable[[int], int] = lambda features: features):
+    """Register the decorated builder for the `--mm_projector_type` names that fully match `pattern`."""
+    def add(build):
+        PROJECTORS.append(ProjectorType(re.compile(pattern), build, image_tokens))
+        return build
+    return add
+
+
+def projector_type(name: str) -> tuple[ProjectorType, re.Match]:
+    """The registered type a name belongs to (and the name's match), or a clear error listing the known ones."""
+    for projector in PROJECTORS:
+        match = projector.pattern.fullmatch(name)
+        if match:
+            return projector, match
+    known = ", ".join(repr(p.pattern.pattern) for p in PROJECTORS)
+    raise ValueError(f"unknown mm_projector_type {name!r}; expected a name matching one of {known}")
+
+
+def build_projector(name: str, vision_hidden_size: int, text_hidden_size: int, bias: bool = True) -> nn.Module:
+    """Build the projector named `name` (e.g. 'linear', 'mlp2x_gelu', 'identity')."""
+    projector, match = projector_type(name)
+    return projector.build(match, vision_hidden_size, text_hidden_size, bias)
+
+
+def projector_image_tokens(name: str, tower_tokens: int) -> int:
+    """Image tokens per image after the projector named `name`, for a tower that gives `tower_tokens`."""
+    return projector_type(name)[0].image_tokens(tower_tokens)
+
+
+def is_stock_llava_projector(name: str) -> bool:
+    """Stock `LlavaForConditionalGeneration` can express only the 2-layer GELU MLP."""
+    return name == "mlp2x_gelu"
 
 
 class MlpProjector(nn.Module):
@@ -31,32 +84,19 @@ class IdentityProjector(nn.Module):
         return features
 
 
-_MLP = re.compile(r"^mlp(\d+)x_gelu$")
+@register_projector(r"mlp([1-9]\d*)x_gelu")
+def mlp_projector(match, vision_hidden_size, text_hidden_size, bias):
+    return MlpProjector(vision_hidden_size, text_hidden_size, int(match.group(1)), bias=bias)
 
 
-def projector_depth(projector_type: str) -> int:
-    """0 for `identity`, 1 for `linear`, N for `mlp{N}x_gelu`; a clear error otherwise."""
-    if projector_type == "identity":
-        return 0
-    if projector_type == "linear":
-        return 1
-    match = _MLP.match(projector_type)
-    if match and int(match.group(1)) >= 1:
-        return int(match.group(1))
-    raise ValueError(f"unknown mm_projector_type {projector_type!r}; expected 'linear', 'identity' or 'mlp{{N}}x_gelu' (N>=1)")
+@register_projector(r"linear")
+def linear_projector(match, vision_hidden_size, text_hidden_size, bias):
+    return MlpProjector(vision_hidden_size, text_hidden_size, 1, bias=bias)
 
 
-def build_projector(projector_type: str, vision_hidden_size: int, text_hidden_size: int, bias: bool = True) -> nn.Module:
-    """Build the projector named by `projector_type` ('linear', 'mlp{N}x_gelu', 'identity')."""
-    depth = projector_depth(projector_type)
-    if depth == 0:
-        if vision_hidden_size != text_hidden_size:
-            raise ValueError(f"mm_projector_type 'identity' needs equal hidden sizes; vision tower has "
-                             f"{vision_hidden_size}, language model has {text_hidden_size}")
-        return IdentityProjector()
-    return MlpProjector(vision_hidden_size, text_hidden_size, depth, bias=bias)
-
-
-def is_stock_llava_projector(projector_type: str) -> bool:
-    """Stock `LlavaForConditionalGeneration` can express only the 2-layer GELU MLP."""
-    return projector_type == "mlp2x_gelu"
+@register_projector(r"identity")
+def identity_projector(match, vision_hidden_size, text_hidden_size, bias):
+    if vision_hidden_size != text_hidden_size:
+        raise ValueError(f"mm_projector_type 'identity' needs equal hidden sizes; vision tower has "
+                         f"{vision_hidden_size}, language model has {text_hidden_size}")
+    return IdentityProjector()

@@ -37,7 +37,7 @@ class ModelArguments:
     model_name_or_path: str = field(metadata={"help": "Causal LM (hub id or local folder), e.g. TinyLlama."})
     vision_tower: str | None = field(default=None, metadata={"help": "CLIP or SigLIP vision model (hub id or folder)."})
     version: str | None = field(default=None, metadata={"help": "Chat template: plain, v1/vicuna_v1, llava_v1, tinyllama, llama_3, llava_llama_3, chatml, auto (the tokenizer's own). Default: the checkpoint's recorded template, else auto when the tokenizer has a usable chat template, else llava_v1."})
-    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear, mlp{N}x_gelu or identity."})
+    mm_projector_type: str = field(default="mlp2x_gelu", metadata={"help": "linear, mlp{N}x_gelu, identity, or a registered projector."})
     mm_vision_select_layer: int = field(default=-2, metadata={"help": "Vision tower layer whose features are used."})
     mm_vision_select_feature: str = field(default="patch", metadata={"help": "patch (drop CLIP's CLS) or cls_patch (keep it)."})
     pretrain_mm_mlp_adapter: str | None = field(default=None, metadata={"help": "Stage-1 projector to start from (folder or mm_projector.safetensors)."})
@@ -51,7 +51,7 @@ class ModelArguments:
 
     def check(self, run: RunArguments) -> list[str]:
         """Problems with the model flags, and with the starting point they name (read from its config, no weights)."""
-        from ..model.projector import projector_depth
+        from ..model.projector import projector_type
         from ..model.vision import select_strategy_for_feature
         from ..templates import template_name_problems
         from .starting_point import starting_point_problems
@@ -65,7 +65,7 @@ class ModelArguments:
         elif adapter and not os.path.exists(adapter):
             problems.append(f"--pretrain_mm_mlp_adapter {adapter}: no such file or folder")
         # The registries of projectors and select strategies say what they accept.
-        for flag, value, known in (("--mm_projector_type", self.mm_projector_type, projector_depth),
+        for flag, value, known in (("--mm_projector_type", self.mm_projector_type, projector_type),
                                    ("--mm_vision_select_feature", self.mm_vision_select_feature,
                                     select_strategy_for_feature)):
             try:
