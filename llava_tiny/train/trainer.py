@@ -17,7 +17,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .callbacks import IgnorePreemptionInWorkers, NonFiniteLossGuard
-from .dataset import CollatorWithSkippedSamples
+from .dataset import CollatorWithMetadata
 from .fast_path import chunked_causal_lm_loss
 from .recipes import Recipe
 from .resume import RUN_SHAPE_FILE
@@ -74,7 +74,7 @@ class LlavaTrainer(Trainer):
         self.recipe = recipe
         self.last_sample_ids: list[str] = []
         if self.data_collator is not None:  # samples skipped mid-run travel in the batch to this process
-            self.data_collator = CollatorWithSkippedSamples(self.data_collator)
+            self.data_collator = CollatorWithMetadata(self.data_collator)
         self.nan_guard = NonFiniteLossGuard(getattr(self.args, "skip_nan_steps", False), self.args.output_dir,
                                             lambda: newest_checkpoint(self.args.output_dir),
                                             write_report=self.args.should_save)
@@ -106,20 +106,36 @@ class LlavaTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
+    # --- batches reach the model without their metadata (dataset.CollatorWithMetadata) ------
+    def model_inputs(self, batch: dict, training: bool) -> dict:
+        """The batch without its metadata. A training batch's sample ids are kept for the NaN guard and its
+        skipped samples recorded; an eval batch's skipped samples were logged by its dataset."""
+        inputs, metadata = CollatorWithMetadata.split(batch)
+        if training:
+            self.last_sample_ids = metadata.sample_ids
+            if metadata.skipped and hasattr(self.train_dataset, "record_skipped"):
+                self.train_dataset.record_skipped(metadata.skipped, self.args.process_index)
+        return inputs
+
+    def prepared_batches(self, dataloader):
+        """The batches of an eval-style pass (no training), as model inputs on this process's device."""
+        for batch in dataloader:
+            yield self._prepare_inputs(self.model_inputs(batch, training=False))
+
     # --- loss ----------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.last_sample_ids = inputs.pop("sample_ids", [])
-        skipped = inputs.pop("skipped_samples", None)
-        if skipped and hasattr(self.train_dataset, "record_skipped"):
-            self.train_dataset.record_skipped(skipped, self.args.process_index)
+        inputs = self.model_inputs(inputs, training=model.training)
+        return self._checked_loss(model, self.objective_loss(model, inputs, return_outputs, num_items_in_batch))
+
+    def objective_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """The loss of a batch without metadata (what `compute_loss` returns; `DPOTrainer` has its own)."""
         if self.args.chunked_ce and not return_outputs:
             loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As Trainer.compute_loss: the token count is global and DDP/DeepSpeed average over ranks.
                 loss = loss * self.accelerator.num_processes
-            return self._checked_loss(model, loss)
-        return self._checked_loss(model, super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                                              num_items_in_batch=num_items_in_batch))
+            return loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _checked_loss(self, model, result):
         """A NaN/inf training loss is caught here, before backward (see callbacks.NonFiniteLossGuard)."""
@@ -128,36 +144,39 @@ class LlavaTrainer(Trainer):
             self.nan_guard.check(loss, self.state.global_step + 1, self.last_sample_ids)
         return result
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop("sample_ids", None)
-        inputs.pop("skipped_samples", None)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
+    # --- evaluation: one loop; each objective adds up its own sums ------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """Eval loss = mean over all supervised tokens of the eval set (the training loss's definition),
-        not a mean of per-batch means."""
+        """Every batch's sums (`eval_sums`) added up over the eval set become the logged metrics (`eval_metrics`)."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        total = None
         with torch.no_grad():
-            for inputs in dataloader:
-                inputs.pop("sample_ids", None)
-                inputs.pop("skipped_samples", None)  # logged by the dataset; eval skips are not trained on
-                inputs = self._prepare_inputs(inputs)
-                tokens = (inputs["labels"][:, 1:] != -100).sum()
-                loss = model(**inputs).loss
-                total += torch.stack([loss.double() * tokens, tokens.double()])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-        if was_training:
-            model.train()
-        metrics = {f"{metric_key_prefix}_loss": (total[0] / total[1].clamp(min=1)).item(),
-                   f"{metric_key_prefix}_tokens": int(total[1].item())}
+            for inputs in self.prepared_batches(dataloader):
+                sums = self.eval_sums(model, inputs)
+                total = sums if total is None else total + sums
+        model.train(was_training)
+        metrics = self.eval_metrics(total, metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def eval_sums(self, model, inputs: dict) -> torch.Tensor:
+        """(loss x supervised tokens, supervised tokens) of one batch on this process."""
+        tokens = (inputs["labels"][:, 1:] != -100).sum()
+        loss = model(**inputs).loss
+        return torch.stack([loss.double() * tokens, tokens.double()])
+
+    def eval_metrics(self, total: torch.Tensor | None, metric_key_prefix: str) -> dict:
+        """Eval loss = mean over all supervised tokens of the eval set (the training loss's definition),
+        not a mean of per-batch means."""
+        if total is None:
+            total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        return {f"{metric_key_prefix}_loss": (total[0] / total[1].clamp(min=1)).item(),
+                f"{metric_key_prefix}_tokens": int(total[1].item())}
 
     # --- checkpoints: written by the recipe, published only when complete ----------------
     def _save_checkpoint(self, model, trial):
