@@ -12,6 +12,7 @@ import json
 import logging
 import os
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -217,7 +218,7 @@ class LazySupervisedDataset(Dataset):
         if not self.skip_bad_samples:
             return self._load_item(index)
         # A sample whose image fails to decode is replaced by the next one that loads; the batch
-        # carries the skipped ids to the training process (CollatorWithSkippedSamples, record_skipped).
+        # carries the skipped ids to the training process (CollatorWithMetadata, record_skipped).
         skipped = {}
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
@@ -269,9 +270,20 @@ def _warn_repeated_records(found: CheckResult, data_path: str) -> None:
                        "lists them), e.g. %s", data_path, kinds, "; ".join(found.repeated_examples))
 
 
-class CollatorWithSkippedSamples:
-    """Wraps a collator: samples skipped while loading ride along in the batch as `skipped_samples`, so
-    the training process counts and records them even when dataloader workers (other processes) hit them."""
+class BatchMetadata(NamedTuple):
+    """What rides in a batch for the trainer, not for the model: the samples' ids (the NaN guard names
+    them) and the samples skipped while loading it (id -> why)."""
+
+    sample_ids: list[str]
+    skipped: dict[str, str]
+
+
+class CollatorWithMetadata:
+    """Wraps a collator: the batch's `BatchMetadata` rides along in it (`sample_ids` from the collators,
+    `skipped_samples` from the items), so the training process counts and records the skipped samples even
+    when dataloader workers (other processes) hit them; `split` is the one place that takes it out again."""
+
+    KEYS = ("sample_ids", "skipped_samples")
 
     def __init__(self, collator):
         self.collator = collator
@@ -282,6 +294,12 @@ class CollatorWithSkippedSamples:
         if skipped:
             batch["skipped_samples"] = skipped
         return batch
+
+    @classmethod
+    def split(cls, batch: dict) -> tuple[dict, BatchMetadata]:
+        """(the model's inputs, the batch's metadata)."""
+        metadata = BatchMetadata(list(batch.get("sample_ids", [])), dict(batch.get("skipped_samples") or {}))
+        return {key: value for key, value in batch.items() if key not in cls.KEYS}, metadata
 
 
 class DataCollatorForSupervisedDataset:

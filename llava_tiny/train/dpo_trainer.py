@@ -127,8 +127,7 @@ class DPOTrainer(LlavaTrainer):
         self.model.eval()
         found = []
         with torch.no_grad():
-            for batch in loader:
-                batch = self._prepare_inputs({k: v for k, v in batch.items() if k not in ("sample_ids", "skipped_samples")})
+            for batch in self.prepared_batches(loader):
                 chosen, rejected = model_answer_log_probs(self.model, batch).split()
                 found += zip(batch["pair_index"].tolist(), chosen.tolist(), rejected.tolist())
         self.model.train(was_training)
@@ -149,18 +148,13 @@ class DPOTrainer(LlavaTrainer):
         args = self.args
         return dpo_loss(policy, ref_chosen, ref_rejected, args.dpo_beta, args.dpo_loss, args.dpo_sft_weight)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.last_sample_ids = inputs.pop("sample_ids", [])
-        skipped = inputs.pop("skipped_samples", None)
-        if skipped and hasattr(self.train_dataset, "record_skipped"):
-            self.train_dataset.record_skipped(skipped, self.args.process_index)
+    def objective_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
         result = self._dpo(model, inputs, "train" if model.training else "eval")
         if model.training:  # figure sums and the pair count, logged (then reset) by `log`
             rows = pair_figures(result)
             sums = torch.cat([rows.sum(0), rows.new_tensor([len(rows)])])
             self._train_sums = sums if self._train_sums is None else self._train_sums + sums
-        loss = self._checked_loss(model, result.loss)
-        return (loss, None) if return_outputs else loss
+        return (result.loss, None) if return_outputs else result.loss
 
     def log(self, logs: dict, start_time=None) -> None:
         """Training logs get the figures of the pairs since the last log (every process calls this together)."""
@@ -172,30 +166,22 @@ class DPOTrainer(LlavaTrainer):
             self._train_sums = None
         super().log(logs, start_time)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+    def eval_sums(self, model, inputs: dict) -> torch.Tensor:
+        """Summed over every process's pairs (without the padding): DPO loss, chosen NLL, chosen tokens, the
+        figures; the pair count last."""
+        result = self._dpo(model, inputs, "eval")
+        rows = torch.cat([torch.stack([result.losses, -result.chosen_logps, result.chosen_tokens], 1).double(),
+                          pair_figures(result)], dim=1)
+        rows = self.accelerator.gather_for_metrics(rows)
+        return torch.cat([rows.sum(0), rows.new_tensor([len(rows)])])
+
+    def eval_metrics(self, total: torch.Tensor, metric_key_prefix: str) -> dict:
         """The DPO loss and figures as means over every pair of the eval set (`eval_loss`, `eval_rewards/...`)."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
-        model = self._wrap_model(self.model, training=False, dataloader=dataloader)
-        was_training = model.training
-        model.eval()
-        total, pairs = 0, 0
-        with torch.no_grad():
-            for inputs in dataloader:
-                inputs.pop("sample_ids", None)
-                inputs.pop("skipped_samples", None)
-                result = self._dpo(model, self._prepare_inputs(inputs), "eval")
-                rows = torch.cat([torch.stack([result.losses, -result.chosen_logps, result.chosen_tokens], 1).double(),
-                                  pair_figures(result)], dim=1)
-                rows = self.accelerator.gather_for_metrics(rows)  # every process's pairs, without the padding
-                total, pairs = total + rows.sum(0), pairs + len(rows)
-        model.train(was_training)
+        pairs = int(total[-1].item())
         # The SFT term as in training: the chosen answers' negative log-likelihood per token.
         sft = self.args.dpo_sft_weight * total[1] / max(total[2].item(), 1) if self.args.dpo_sft_weight else 0
-        metrics = {f"{metric_key_prefix}_loss": float(total[0] / max(pairs, 1) + sft),
-                   **figure_means(total[3:], pairs, metric_key_prefix + "_"), f"{metric_key_prefix}_pairs": pairs}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        return {f"{metric_key_prefix}_loss": float(total[0] / max(pairs, 1) + sft),
+                **figure_means(total[3:-1], pairs, metric_key_prefix + "_"), f"{metric_key_prefix}_pairs": pairs}
 
 
 class _PrecomputeReference(TrainerCallback):

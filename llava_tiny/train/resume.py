@@ -1,4 +1,5 @@
-"""Resuming a checkpoint: safely, and exactly or not at all.
+"""Resuming a checkpoint: safely, and exactly or not at all (asked by `run_dir.RunFolder`, which owns
+the run folder).
 
 - DeepSpeed's own `global_step*/*.pt` files are pickles that DeepSpeed loads with
   `weights_only=False`: a checkpoint someone altered could run code. Before anything loads them, each
@@ -24,7 +25,7 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-RUN_SHAPE_FILE = "run_shape.json"  # written into every checkpoint by LlavaTrainer._save_checkpoint
+RUN_SHAPE_FILE = "run_shape.json"  # how a checkpoint was trained: written with it, read before resuming it
 UNIVERSAL_LATEST = "latest_universal"
 
 
@@ -71,6 +72,15 @@ def check_deepspeed_pickles(checkpoint: str) -> None:
             "tensors and DeepSpeed's optimizer state, so loading it could run code; it was not loaded. Resume from "
             "a checkpoint you wrote yourself, or check where this one came from"
             + (f" ({len(problems) - 1} more file(s) alike)" if len(problems) > 1 else ""))
+
+
+def record_run_shape(checkpoint: str, training_args) -> None:
+    """Write into `checkpoint` how it is being trained (read back by `written_shape`)."""
+    shape = {"world_size": training_args.world_size,
+             "per_device_train_batch_size": training_args.per_device_train_batch_size,
+             "gradient_accumulation_steps": training_args.gradient_accumulation_steps}
+    with open(os.path.join(checkpoint, RUN_SHAPE_FILE), "w") as f:
+        json.dump(shape, f, indent=2)
 
 
 def written_shape(checkpoint: str) -> dict:
@@ -132,16 +142,16 @@ def _convert_to_universal(checkpoint: str) -> str:
     return target
 
 
-def prepare_resume(checkpoint: str, training_args) -> None:
+def prepare_resume(checkpoint: str, training_args) -> bool:
     """Before resuming `checkpoint`: its pickles checked, its global batch compared and, when it was
-    written by another number of DeepSpeed processes, converted to DeepSpeed's universal checkpoint,
-    which this run's engine is then told to load. Every rank calls this."""
+    written by another number of DeepSpeed processes, converted to DeepSpeed's universal checkpoint.
+    Every rank calls this; True: this run's engine is to load the universal checkpoint."""
     distributed = dist.is_available() and dist.is_initialized()
     check_deepspeed_pickles(checkpoint)  # before the conversion: it unpickles them fully
     check_global_batch(checkpoint, training_args)
     written = written_shape(checkpoint).get("world_size")
     if not training_args.deepspeed or not written or written == training_args.world_size:
-        return
+        return False
     failure = None
     if training_args.process_index == 0:
         universal = os.path.join(checkpoint, UNIVERSAL_LATEST)
@@ -163,4 +173,4 @@ def prepare_resume(checkpoint: str, training_args) -> None:
     if not os.path.isfile(os.path.join(checkpoint, UNIVERSAL_LATEST)):
         raise ResumeError(f"{checkpoint}: the universal conversion is not visible from rank "
                           f"{training_args.process_index}; resume from a folder every node can read")
-    training_args.hf_deepspeed_config.config.setdefault("checkpoint", {})["load_universal"] = True
+    return True

@@ -31,8 +31,7 @@ from llava_tiny.train.distributed import PeerWatchdog, StepWatchdog, end_process
 from llava_tiny.train.fast_path import run_frozen_tower_without_grad  # noqa: E402
 from llava_tiny.train.packing import make_data_collator, use_packed_attention  # noqa: E402
 from llava_tiny.train.recipes import make_recipe  # noqa: E402
-from llava_tiny.train.run_dir import (explain_disk_full, finish_from_last_step, newest_checkpoint,  # noqa: E402
-                                      prepare_run_dir, saved_at_last_step)
+from llava_tiny.train.run_dir import RunFolder  # noqa: E402
 from llava_tiny.train.starting_point import load_starting_point  # noqa: E402
 from llava_tiny.train.trainer import LlavaTrainer  # noqa: E402
 
@@ -49,12 +48,9 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None,
 
 
 def _train(args: RunArguments, attn_implementation: str | None, build) -> None:
-    resume = prepare_run_dir(*args)  # the same command resumes an interrupted run
-    if resume and not args.training.resume_from_checkpoint and saved_at_last_step(resume):
-        # The run was killed in its final save: its last checkpoint already is the final model.
-        if args.training.process_index == 0:
-            finish_from_last_step(resume, args.training.output_dir, args.training.load_best_model_at_end)
-        logger.info("%s is the last step of this run: wrote the final model from it", resume)
+    folder = RunFolder(args.training.output_dir)
+    resume = folder.prepare(*args)  # the same command resumes an interrupted run
+    if folder.finish_if_saved_at_last_step(resume, args.training):  # killed in its final save
         return
     trainer = (build or build_trainer)(args, attn_implementation)
     run(trainer, resume)
@@ -113,13 +109,13 @@ def load_model_for_training(args: RunArguments, attn_implementation: str | None 
 
 def run(trainer: LlavaTrainer, resume_from_checkpoint: str | None = None) -> None:
     """Train (stopping cleanly on a preemption signal), then write the final checkpoint."""
-    out = trainer.args.output_dir
+    folder = trainer.run_folder
     preemption = PreemptionCallback()
     trainer.add_callback(preemption)
     steps = StepWatchdog(trainer.args.ddp_timeout, trainer.args.process_index)  # hangs, slow steps
     trainer.add_callback(steps)
     faulthandler.enable()  # a crash in native code still prints the Python stack
-    with preemption.handling_signals(), steps, PeerWatchdog(lambda: newest_checkpoint(out)) as peers:
+    with preemption.handling_signals(), steps, PeerWatchdog(folder.newest_checkpoint) as peers:
         try:
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
         except Exception as err:
@@ -128,15 +124,15 @@ def run(trainer: LlavaTrainer, resume_from_checkpoint: str | None = None) -> Non
     if preemption.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps:
         logger.warning("stopped by %s at step %d of %d: saved %s; rerun the same command to resume from it",
                        preemption.received, trainer.state.global_step, trainer.state.max_steps,
-                       newest_checkpoint(out))
+                       folder.newest_checkpoint())
         if trainer.args.world_size > 1:  # every rank says so: the launcher does not report their exit codes
             logger.warning("rank %d: stopped at step %d with the checkpoint saved; exiting 0",
                            trainer.args.process_index, trainer.state.global_step)
         return  # no final save: the folder must still read as an interrupted run
-    with explain_disk_full(out, lambda: trainer.checkpoint_bytes_needed(include_optimizer=False),
-                           newest_checkpoint(out)):
+    with folder.writing_final_model(lambda: trainer.checkpoint_bytes_needed(include_optimizer=False)) as out:
         trainer.save_model(out)
-        trainer.save_state()  # last: trainer_state.json marks the run finished (run_dir.resolve_resume)
+        if trainer.is_world_process_zero():
+            folder.mark_finished(trainer.state)  # last: the folder now reads as a finished run
     logger.info("saved the %s checkpoint to %s", trainer.recipe.name, out)
 
 

@@ -1,27 +1,20 @@
 """`LlavaTrainer`: the HF Trainer for one recipe (its parameter groups and checkpoint kind), with
-modality-grouped batches, token-weighted losses, the NaN guard and checkpoints that appear only
-when complete (`run_dir.py`)."""
+modality-grouped batches, token-weighted losses, one evaluation loop, the NaN guard and checkpoints
+that appear only when complete (it asks the run folder's owner, `run_dir.RunFolder`)."""
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import os
-import shutil
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 from transformers import Trainer
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .callbacks import IgnorePreemptionInWorkers, NonFiniteLossGuard
-from .dataset import CollatorWithSkippedSamples
+from .dataset import CollatorWithMetadata
 from .fast_path import chunked_causal_lm_loss
 from .recipes import Recipe
-from .resume import RUN_SHAPE_FILE
-from .run_dir import explain_disk_full, newest_checkpoint, publish_checkpoint, staging_dir
+from .run_dir import RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -67,16 +60,19 @@ class ModalityLengthGroupedSampler(Sampler):
 
 class LlavaTrainer(Trainer):
     """The HF Trainer for one `Recipe`. Private Trainer methods are overridden only where it offers no
-    public hook; each says why."""
+    public hook; each says why and the transformers version it was checked against (tests/test_trainer_hooks.py
+    fails when one's signature changes)."""
 
     def __init__(self, *args, recipe: Recipe, **kwargs):
         super().__init__(*args, **kwargs)
         self.recipe = recipe
+        self.run_folder = RunFolder(self.args.output_dir)
+        self._checkpoint_parent: str | None = None  # while a checkpoint is written: its staging folder
         self.last_sample_ids: list[str] = []
         if self.data_collator is not None:  # samples skipped mid-run travel in the batch to this process
-            self.data_collator = CollatorWithSkippedSamples(self.data_collator)
+            self.data_collator = CollatorWithMetadata(self.data_collator)
         self.nan_guard = NonFiniteLossGuard(getattr(self.args, "skip_nan_steps", False), self.args.output_dir,
-                                            lambda: newest_checkpoint(self.args.output_dir),
+                                            self.run_folder.newest_checkpoint,
                                             write_report=self.args.should_save)
         self.add_callback(self.nan_guard)
 
@@ -87,7 +83,8 @@ class LlavaTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         return _workers_ignore_preemption(super().get_eval_dataloader(eval_dataset))
 
-    def _get_train_sampler(self, train_dataset=None):  # private: the Trainer has no public hook for its sampler
+    # Private (checked against transformers 5.25.0): no public hook chooses the sampler.
+    def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         # Also for --train_sampling_strategy group_by_length: the stock sampler would load every sample
         # (decoding its image) just to measure its length.
@@ -106,20 +103,36 @@ class LlavaTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, lr=self.args.learning_rate, **optimizer_kwargs)
         return self.optimizer
 
+    # --- batches reach the model without their metadata (dataset.CollatorWithMetadata) ------
+    def model_inputs(self, batch: dict, training: bool) -> dict:
+        """The batch without its metadata. A training batch's sample ids are kept for the NaN guard and its
+        skipped samples recorded; an eval batch's skipped samples were logged by its dataset."""
+        inputs, metadata = CollatorWithMetadata.split(batch)
+        if training:
+            self.last_sample_ids = metadata.sample_ids
+            if metadata.skipped and hasattr(self.train_dataset, "record_skipped"):
+                self.train_dataset.record_skipped(metadata.skipped, self.args.process_index)
+        return inputs
+
+    def prepared_batches(self, dataloader):
+        """The batches of an eval-style pass (no training), as model inputs on this process's device."""
+        for batch in dataloader:
+            yield self._prepare_inputs(self.model_inputs(batch, training=False))
+
     # --- loss ----------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.last_sample_ids = inputs.pop("sample_ids", [])
-        skipped = inputs.pop("skipped_samples", None)
-        if skipped and hasattr(self.train_dataset, "record_skipped"):
-            self.train_dataset.record_skipped(skipped, self.args.process_index)
+        inputs = self.model_inputs(inputs, training=model.training)
+        return self._checked_loss(model, self.objective_loss(model, inputs, return_outputs, num_items_in_batch))
+
+    def objective_loss(self, model, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+        """The loss of a batch without metadata (what `compute_loss` returns; `DPOTrainer` has its own)."""
         if self.args.chunked_ce and not return_outputs:
             loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # As Trainer.compute_loss: the token count is global and DDP/DeepSpeed average over ranks.
                 loss = loss * self.accelerator.num_processes
-            return self._checked_loss(model, loss)
-        return self._checked_loss(model, super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                                              num_items_in_batch=num_items_in_batch))
+            return loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _checked_loss(self, model, result):
         """A NaN/inf training loss is caught here, before backward (see callbacks.NonFiniteLossGuard)."""
@@ -128,70 +141,66 @@ class LlavaTrainer(Trainer):
             self.nan_guard.check(loss, self.state.global_step + 1, self.last_sample_ids)
         return result
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs.pop("sample_ids", None)
-        inputs.pop("skipped_samples", None)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-
+    # --- evaluation: one loop; each objective adds up its own sums ------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        """Eval loss = mean over all supervised tokens of the eval set (the training loss's definition),
-        not a mean of per-batch means."""
+        """Every batch's sums (`eval_sums`) added up over the eval set become the logged metrics (`eval_metrics`)."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         model = self._wrap_model(self.model, training=False, dataloader=dataloader)
         was_training = model.training
         model.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        total = None
         with torch.no_grad():
-            for inputs in dataloader:
-                inputs.pop("sample_ids", None)
-                inputs.pop("skipped_samples", None)  # logged by the dataset; eval skips are not trained on
-                inputs = self._prepare_inputs(inputs)
-                tokens = (inputs["labels"][:, 1:] != -100).sum()
-                loss = model(**inputs).loss
-                total += torch.stack([loss.double() * tokens, tokens.double()])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(total)
-        if was_training:
-            model.train()
-        metrics = {f"{metric_key_prefix}_loss": (total[0] / total[1].clamp(min=1)).item(),
-                   f"{metric_key_prefix}_tokens": int(total[1].item())}
+            for inputs in self.prepared_batches(dataloader):
+                sums = self.eval_sums(model, inputs)
+                total = sums if total is None else total + sums
+        model.train(was_training)
+        metrics = self.eval_metrics(total, metric_key_prefix)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    # --- checkpoints: written by the recipe, published only when complete ----------------
-    def _save_checkpoint(self, model, trial):
-        """Private: the Trainer has no hook to write a checkpoint elsewhere and publish it.
+    def eval_sums(self, model, inputs: dict) -> torch.Tensor:
+        """(loss x supervised tokens, supervised tokens) of one batch on this process."""
+        tokens = (inputs["labels"][:, 1:] != -100).sum()
+        loss = model(**inputs).loss
+        return torch.stack([loss.double() * tokens, tokens.double()])
 
-        checkpoint-N appears complete or not at all: HF writes it into tmp-checkpoint-N/, renamed to
-        checkpoint-N once weights, optimizer and trainer_state.json are on disk; only then are old ones
-        rotated away (save_total_limit), so rotation and resume only ever see complete checkpoints."""
-        run_dir = self.args.output_dir
-        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging, final = staging_dir(run_dir, self.state.global_step), os.path.join(run_dir, name)
+    def eval_metrics(self, total: torch.Tensor | None, metric_key_prefix: str) -> dict:
+        """Eval loss = mean over all supervised tokens of the eval set (the training loss's definition),
+        not a mean of per-batch means."""
+        if total is None:
+            total = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(total)
+        return {f"{metric_key_prefix}_loss": (total[0] / total[1].clamp(min=1)).item(),
+                f"{metric_key_prefix}_tokens": int(total[1].item())}
+
+    # --- checkpoints: written by the recipe, published only when complete ----------------
+    # Private (checked against transformers 5.25.0): no public hook writes a checkpoint elsewhere and publishes it.
+    def _save_checkpoint(self, model, trial):
+        """checkpoint-N appears complete or not at all: the Trainer writes it into the run folder's staging
+        folder (`_get_output_dir`), published as checkpoint-N once weights, optimizer and trainer_state.json
+        are on disk on every process (`RunFolder.publish`, which also rotates old ones away)."""
+        step = self.state.global_step
         # A process that fails here (a full disk) raises at once: the others, left waiting for it, are ended by
         # distributed.PeerWatchdog naming it, and nothing unfinished is published.
-        with explain_disk_full(staging, self.checkpoint_bytes_needed, newest_checkpoint(run_dir),
-                               partial=staging if self.args.should_save else None), _output_dir(self.args, staging):
-            super()._save_checkpoint(model, trial)
+        with self.run_folder.writing_checkpoint(step, self.checkpoint_bytes_needed, self.args.should_save) as staging:
+            self._checkpoint_parent = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._checkpoint_parent = None
             if self.args.should_save:
-                self._write_run_shape(os.path.join(staging, name))
-            if self.args.should_save and self.state.best_model_checkpoint == os.path.join(staging, name):
-                self.state.best_model_checkpoint = final  # recorded while it was still in staging
-                self.state.save_to_json(os.path.join(staging, name, TRAINER_STATE_NAME))
+                self.run_folder.record_run_shape(step, self.args)
         self.accelerator.wait_for_everyone()  # every process has written its part
         if self.args.should_save:
-            publish_checkpoint(os.path.join(staging, name), final)
-            shutil.rmtree(staging, ignore_errors=True)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+            self.run_folder.publish(step, self.state, self.args.save_total_limit)
         self.accelerator.wait_for_everyone()
 
-    def _write_run_shape(self, checkpoint: str) -> None:
-        """How this checkpoint was trained, for resuming it on another number of processes (resume.py)."""
-        shape = {"world_size": self.args.world_size, "per_device_train_batch_size": self.args.per_device_train_batch_size,
-                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps}
-        with open(os.path.join(checkpoint, RUN_SHAPE_FILE), "w") as f:
-            json.dump(shape, f, indent=2)
+    # Private (checked against transformers 5.25.0): where the Trainer's _save_checkpoint puts checkpoint-N; the
+    # staging folder while `_save_checkpoint` writes (TrainingArguments.output_dir is never changed).
+    def _get_output_dir(self, trial):
+        return self._checkpoint_parent or super()._get_output_dir(trial)
 
     def checkpoint_bytes_needed(self, include_optimizer: bool = True) -> int:
         """About what a save writes (weights, and the optimizer state for a resumable checkpoint)."""
@@ -199,17 +208,20 @@ class LlavaTrainer(Trainer):
         return self.recipe.bytes_needed(self.accelerator.unwrap_model(self.model),
                                         self.optimizer if resumable else None)
 
-    def _save(self, output_dir=None, state_dict=None):  # private: where HF hands over the ZeRO-3-gathered weights
+    # Private (checked against transformers 5.25.0): where save_model hands over the ZeRO-3-gathered weights.
+    def _save(self, output_dir=None, state_dict=None):
         if self.args.should_save:
             self.recipe.save(self.accelerator.unwrap_model(self.model), self.processing_class,
                              output_dir or self.args.output_dir, state_dict=state_dict)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):  # private: HF reads only its own formats
+    # Private (checked against transformers 5.25.0): the Trainer reads only its own checkpoint formats.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.is_deepspeed_enabled:  # the engine checkpoint (global_step*/) restores everything
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.recipe.load(model if model is not None else self.model, resume_from_checkpoint)
 
-    def _load_best_model(self):  # private: as _load_from_checkpoint
+    # Private (checked against transformers 5.25.0): as _load_from_checkpoint.
+    def _load_best_model(self):
         self.recipe.load(self.model, self.state.best_model_checkpoint)
 
 
@@ -219,13 +231,3 @@ def _workers_ignore_preemption(dataloader):
         torch_loader = getattr(dataloader, "base_dataloader", dataloader)  # accelerate wraps the DataLoader
         torch_loader.worker_init_fn = IgnorePreemptionInWorkers(torch_loader.worker_init_fn)
     return dataloader
-
-
-@contextlib.contextmanager
-def _output_dir(args, path: str):
-    """HF writes a checkpoint under `args.output_dir`: point it at the staging folder for one save."""
-    saved, args.output_dir = args.output_dir, path
-    try:
-        yield
-    finally:
-        args.output_dir = saved
