@@ -2,6 +2,7 @@
 set that alternates image and text-only records (one rank's whole eval batch is text-only: under ZeRO-3 a
 rank that skips the vision tower while the other runs it aborts gloo and hangs NCCL), saves, the checkpoint
 equals DeepSpeed's own consolidated weights, reloads and generates. Peer: DeepSpeed itself."""
+import glob
 import json
 import math
 import os
@@ -54,6 +55,8 @@ def launch(tiny_parts, data, out, zero, *flags):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    port = cmd[cmd.index("--master_port") + 1]  # DeepSpeed's CPU all-reduce buffers (69 MB a rank) are gone
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return result
 
 

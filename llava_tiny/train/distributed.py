@@ -44,6 +44,23 @@ def end_process_group() -> None:
         dist.destroy_process_group()
 
 
+def release_shared_memory_names() -> None:
+    """DeepSpeed's CPU all-reduce (its `shm.cpp`) creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (69 MB a rank) and never removes it: every CPU run left its ranks' buffers in memory, 14 GB of a 24 GB
+    machine after one test session. Its init returns once this rank has mapped every rank's buffer; after a
+    barrier every rank has, so the names can go now: the memory lives while a rank maps it and is freed when
+    the last one exits, however it exits (killed ranks included)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(os.getuid(), os.environ.get("MASTER_ADDR"),
+                                                         os.environ.get("MASTER_PORT"), dist.get_rank())
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # not DeepSpeed's CPU backend, or not one host
+        pass
+
+
 def _process_gone(pid: int) -> bool:
     """True when `pid` (on this host) has exited, or is a zombie its launcher has not reaped yet."""
     try:

@@ -27,7 +27,8 @@ from llava_tiny.model.checkpoints import load_projector_weights  # noqa: E402
 from llava_tiny.train.arguments import RunArguments, check_flags_against_model, parse_args  # noqa: E402
 from llava_tiny.train.callbacks import PreemptionCallback  # noqa: E402
 from llava_tiny.train.dataset import LazySupervisedDataset  # noqa: E402
-from llava_tiny.train.distributed import PeerWatchdog, StepWatchdog, end_process_group  # noqa: E402
+from llava_tiny.train.distributed import (PeerWatchdog, StepWatchdog, end_process_group,  # noqa: E402
+                                          release_shared_memory_names)
 from llava_tiny.train.fast_path import run_frozen_tower_without_grad  # noqa: E402
 from llava_tiny.train.packing import make_data_collator, use_packed_attention  # noqa: E402
 from llava_tiny.train.recipes import make_recipe  # noqa: E402
@@ -43,6 +44,7 @@ def train(attn_implementation: str | None = None, argv: list[str] | None = None,
     """Run one training job from LLaVA-style command-line flags (`train_dpo.py` passes its flags and trainer)."""
     args = parse_args(argv, training_class)  # every flag problem at once, before any model loads
     _setup_logging(args.training)
+    release_shared_memory_names()  # DeepSpeed on CPUs: its all-reduce buffers, once every rank has mapped them
     _train(args, attn_implementation, build)
     end_process_group()  # not on an error: a rank that died or hangs would keep the others waiting here
 
