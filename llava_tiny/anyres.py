@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import re
+from dataclasses import dataclass
 
 from .images import background_colour, to_rgb, tower_image_size, tower_pixel_settings
 
@@ -120,10 +121,10 @@ def anyres_image_processor(image_processor, pinpoints: list[list[int]]):
     from transformers import LlavaNextImageProcessor  # falls back to its PIL twin without torchvision
 
     settings = tower_pixel_settings(image_processor)
-    # The tile side is the crop size; a tower without a crop (SigLIP) would otherwise get the stock default
-    # crop size (224) as its tile side. Without do_center_crop nothing is cropped.
+    # The stock processor cuts tiles of its crop size, cropping or not: the tower's view, not the stock default
+    # (224) for a tower without a crop (SigLIP) or an unused crop size. Without do_center_crop nothing is cropped.
     width, height = tower_image_size(image_processor)
-    settings.setdefault("crop_size", {"height": height, "width": width})
+    settings["crop_size"] = {"height": height, "width": width}
     return LlavaNextImageProcessor(**settings, image_grid_pinpoints=pinpoints, do_pad=True, do_convert_rgb=True)
 
 
@@ -136,3 +137,50 @@ def anyres_pixel_values(images, image_processor, pinpoints: list[list[int]], bac
     images = [to_rgb(image, colour) for image in images]
     features = anyres_image_processor(image_processor, pinpoints)(images=images, return_tensors="pt")
     return {"pixel_values": features["pixel_values"], "image_sizes": features["image_sizes"]}
+
+
+def anyres_max_image_tokens(pinpoints: list[list[int]], tile_size: int, patch_size: int) -> int:
+    """The most placeholders any image can take under `pinpoints`: the largest grid with nothing unpadded (an
+    image of exactly that shape). A bound for checks that see no image: a sample that fits with it fits at any
+    image size."""
+    patches_per_side = tile_size // patch_size
+    return max((height // patch_size) * (width // patch_size) + height // patch_size
+               for height, width in pinpoints) + patches_per_side ** 2
+
+
+@dataclass(frozen=True)
+class AnyresTiling:
+    """How one tower tiles images under `--image_aspect_ratio anyres`: the pinpoints, the tile side (the tower's
+    image size) and the tower's patch size. What the dataset needs per image: its placeholder count and its
+    tiles."""
+
+    pinpoints: tuple[tuple[int, int], ...]
+    tile_size: int
+    patch_size: int
+
+    @classmethod
+    def for_tower(cls, image_grid_pinpoints, image_processor, patch_size: int) -> AnyresTiling:
+        """From `--image_grid_pinpoints` (either LLaVA-NeXT form), the tower's image processor and patch size."""
+        width, height = tower_image_size(image_processor)
+        if width != height or height % patch_size:
+            raise PinpointsError(f"anyres needs a square tower view that patches of {patch_size} px divide; the "
+                                 f"image processor gives {width}x{height}")
+        pinpoints = parse_grid_pinpoints(image_grid_pinpoints, height)
+        return cls(tuple(tuple(pair) for pair in pinpoints), height, patch_size)
+
+    @property
+    def max_image_tokens(self) -> int:
+        return anyres_max_image_tokens(self._pinpoint_list, self.tile_size, self.patch_size)
+
+    @property
+    def _pinpoint_list(self) -> list[list[int]]:
+        return [list(pair) for pair in self.pinpoints]
+
+    def image_tokens(self, image) -> int:
+        """Placeholders for one PIL image (`anyres_num_image_tokens` of its size)."""
+        width, height = image.size
+        return anyres_num_image_tokens(width, height, self._pinpoint_list, self.tile_size, self.patch_size)
+
+    def pixel_values(self, images, image_processor, background: str = "white") -> dict:
+        """`anyres_pixel_values` of `images` under these pinpoints."""
+        return anyres_pixel_values(images, image_processor, self._pinpoint_list, background)

@@ -68,8 +68,9 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
 
 
 def tower_image_size(image_processor) -> tuple[int, int]:
-    """(width, height) of what the tower sees: its crop size, else its resize size."""
-    size = getattr(image_processor, "crop_size", None) or image_processor.size
+    """(width, height) of what the tower sees: its crop size when it crops, else its resize size."""
+    crops = getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None)
+    size = image_processor.crop_size if crops else image_processor.size
     if "height" in size:
         return size["width"], size["height"]
     side = size.get("shortest_edge") or size.get("longest_edge")
