@@ -123,3 +123,31 @@ def test_a_tower_view_that_is_not_square_is_refused():
     with pytest.raises(PinpointsError, match="square tower view"):
         AnyresTiling.for_tower(PINPOINTS, CLIPImageProcessor(size={"height": 32, "width": 48}, do_center_crop=False),
                                8)
+
+
+def test_a_collated_batch_feeds_stock_llava_next(anyres_data):
+    """Peer: stock `LlavaNextForConditionalGeneration` (tiny, written from stock configs) takes the batch: its
+    unpadded features per image fill exactly the placeholders, for one and two images per sample and text-only
+    rows, with tiles padded to the batch's most."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    root, records, tokenizer = anyres_data
+    batch = DataCollatorForSupervisedDataset(0)([_dataset(root, tokenizer)[i] for i in range(len(records))])
+    grids = [[32 * rows, 32 * cols] for rows in (1, 2, 3) for cols in (1, 2, 3)]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=2, num_attention_heads=2),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=1),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), image_grid_pinpoints=grids,
+        vision_feature_select_strategy="default", vision_feature_layer=-2)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch["pixel_values"], image_sizes=batch["image_sizes"])
+    assert out.logits.shape[:2] == batch["input_ids"].shape  # stock checks placeholders == features, or raises
+    with torch.no_grad():
+        features = model.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output
+    runs = [run for row in batch["input_ids"].tolist() for run in _runs(row, config.image_token_id)]
+    assert [f.shape[0] for f in features] == runs  # image by image, in order
