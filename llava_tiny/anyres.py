@@ -71,6 +71,31 @@ def parse_grid_pinpoints(value, tile_size: int) -> list[list[int]]:
     return checked
 
 
+def anyres_flag_problems(image_aspect_ratio: str, image_grid_pinpoints, mm_patch_merge_type: str) -> list[str]:
+    """Problems with LLaVA-NeXT's flags together (`--image_aspect_ratio anyres`, `--image_grid_pinpoints`,
+    `--mm_patch_merge_type spatial_unpad`), each naming its flag; the pinpoints' sides are held to the tower's
+    image size when the model is built (`parse_grid_pinpoints`)."""
+    anyres, problems = image_aspect_ratio == "anyres", []
+    if mm_patch_merge_type not in ("flat", "spatial_unpad"):
+        problems.append(f"--mm_patch_merge_type {mm_patch_merge_type!r}: expected flat (LLaVA-1.5) or spatial_unpad "
+                        "(with --image_aspect_ratio anyres)")
+    elif anyres != (mm_patch_merge_type == "spatial_unpad"):
+        # Stock LlavaNextModel always unpads and appends image_newline: a flat anyres would not load there.
+        problems.append("--image_aspect_ratio anyres goes with --mm_patch_merge_type spatial_unpad (LLaVA-NeXT's "
+                        f"layout, the one stock transformers reads); got {image_aspect_ratio} with {mm_patch_merge_type}")
+    if anyres and not image_grid_pinpoints:
+        problems.append("--image_aspect_ratio anyres needs --image_grid_pinpoints: a list like [[336,672],[672,336]] "
+                        "or a range like (1x1),...,(3x3)")
+    elif image_grid_pinpoints and not anyres:
+        problems.append("--image_grid_pinpoints is used only with --image_aspect_ratio anyres")
+    elif anyres:
+        try:
+            parse_grid_pinpoints(image_grid_pinpoints, 1)  # the form alone: the tower is not loaded yet
+        except PinpointsError as error:
+            problems.append(str(error))
+    return problems
+
+
 def best_resolution(width: int, height: int, pinpoints: list[list[int]]) -> tuple[int, int]:
     """The pinpoint (height, width) an image of `width` x `height` is resized and padded to: the one that keeps
     most of its pixels, then wastes the fewest (stock transformers' `select_best_resolution`)."""

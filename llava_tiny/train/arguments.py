@@ -38,7 +38,7 @@ class ModelArguments:
     unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "Train the vision tower too (LR: --mm_vision_tower_lr)."})
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA-1.0 <im_start>/<im_end> tokens (not supported: keep False)."})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA-1.0 patch tokens (not supported: keep False)."})
-    mm_patch_merge_type: str = field(default="flat", metadata={"help": "Only 'flat' (LLaVA-1.5)."})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "flat (LLaVA-1.5), or spatial_unpad with --image_aspect_ratio anyres (LLaVA-NeXT)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a model (off unless you pass it)."})
 
 
@@ -47,7 +47,8 @@ class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL training data."})
     eval_data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for eval loss."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the 'image' paths are relative to."})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square, mean colour), square or resize."})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": "pad (to square, mean colour), square, resize, or anyres (LLaVA-NeXT tiles; with --image_grid_pinpoints and --mm_patch_merge_type spatial_unpad)."})
+    image_grid_pinpoints: str | None = field(default=None, metadata={"help": "anyres resolutions: [[336,672],[672,336],...] ([height, width] pairs) or a range like (1x1),...,(3x3)."})
     image_background: str = field(default="white", metadata={"help": "What transparent pixels become: white, or mean (the image processor's mean colour).", "choices": ["white", "mean"]})
     lazy_preprocess: bool = field(default=True, metadata={"help": "No effect: samples are always tokenized and loaded per step."})
     is_multimodal: bool = field(default=True, metadata={"help": "No effect: accepted for LLaVA compatibility."})
@@ -195,7 +196,7 @@ NO_EFFECT_FLAGS = ("--lazy_preprocess", "--is_multimodal", "--lora_weight_path",
 # Flags for the tower, the projector and images: named the same way in a text-only run, which has none of them.
 VISION_ONLY_FLAGS = ("--mm_projector_lr", "--mm_vision_tower_lr", "--mm_projector_type", "--mm_vision_select_layer",
                      "--mm_vision_select_feature", "--freeze_mm_mlp_adapter", "--unfreeze_mm_vision_tower",
-                     "--image_aspect_ratio", "--image_background", "--image_folder")
+                     "--image_aspect_ratio", "--image_background", "--image_folder", "--image_grid_pinpoints")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -205,6 +206,7 @@ class FlagError(ValueError):
 
 def flag_problems(model_args, data_args, training_args) -> list[str]:
     """Every problem with the flags, each naming its flag; checked before any model loads."""
+    from ..anyres import anyres_flag_problems
     from ..conversation import get_template
     from ..images import ASPECT_RATIOS
     from ..model.projector import projector_depth
@@ -218,8 +220,8 @@ def flag_problems(model_args, data_args, training_args) -> list[str]:
             problems.append(f"{flag} {path}: no such file; expected a LLaVA JSON or JSONL data file")
     if data_args.image_folder is not None and not os.path.isdir(data_args.image_folder):
         problems.append(f"--image_folder {data_args.image_folder}: no such folder")
-    if data_args.image_aspect_ratio not in ASPECT_RATIOS:
-        problems.append(f"--image_aspect_ratio {data_args.image_aspect_ratio!r}: expected one of {ASPECT_RATIOS}")
+    if data_args.image_aspect_ratio not in (*ASPECT_RATIOS, "anyres"):
+        problems.append(f"--image_aspect_ratio {data_args.image_aspect_ratio!r}: expected one of {ASPECT_RATIOS} or anyres")
     adapter = model_args.pretrain_mm_mlp_adapter
     if adapter and adapter.endswith(PICKLE_SUFFIXES):  # LLaVA's released stage-1 projectors are pickles
         problems.append(f"--pretrain_mm_mlp_adapter {adapter}: pickled weights are never loaded here (unpickling can "
@@ -238,8 +240,8 @@ def flag_problems(model_args, data_args, training_args) -> list[str]:
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
         problems.append("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
                         "recipes set to False; this project supports only False")
-    if model_args.mm_patch_merge_type != "flat":
-        problems.append(f"--mm_patch_merge_type {model_args.mm_patch_merge_type!r}: only 'flat' is supported")
+    problems += anyres_flag_problems(data_args.image_aspect_ratio, data_args.image_grid_pinpoints,
+                                     model_args.mm_patch_merge_type)
     if training_args.bits not in (4, 8, 16):
         problems.append(f"--bits {training_args.bits}: expected 4, 8 or 16")
     elif training_args.bits in (4, 8) and not training_args.lora_enable:
