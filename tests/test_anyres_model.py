@@ -56,10 +56,10 @@ def _run_stock(folder, images_dir, names, out):
     return torch.load(out, weights_only=False)
 
 
-@pytest.fixture(scope="module")
-def anyres_source(tiny_parts):
+@pytest.fixture(scope="module", params=["clip", "siglip"])
+def anyres_source(request, tiny_parts):
     torch.manual_seed(0)
-    loaded = with_anyres(assemble_model(tiny_parts["llm"], tiny_parts["clip"]), PINPOINTS)
+    loaded = with_anyres(assemble_model(tiny_parts["llm"], tiny_parts[request.param]), PINPOINTS)
     with torch.no_grad():  # image_newline visibly part of the features
         loaded.model.model.image_newline.mul_(10)
     return loaded
@@ -161,3 +161,32 @@ def test_image_newline_starts_as_llava_next_initialises_it(tiny_parts):
     torch.testing.assert_close(loaded.model.model.language_model.embed_tokens.weight,
                                base.model.model.language_model.embed_tokens.weight)
     assert loaded.model.get_input_embeddings() is loaded.model.model.language_model.embed_tokens
+
+
+def test_text_only_training_batches_run_the_tower_on_a_blank_image(anyres_source):
+    model = anyres_source.model.train()
+    model.zero_grad()
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    # Every trainable part took part in the graph (DDP/ZeRO reduce every gradient), the blank image adding nothing.
+    for name in ("model.image_newline", "model.multi_modal_projector.linear_1.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and not grad.any(), name
+    blank = model(input_ids=ids).logits.detach()  # training, with grad: the blank image runs, scattered nowhere
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, blank)  # no tower run at inference
+
+
+def test_a_wrong_placeholder_count_names_the_anyres_count(anyres_source):
+    image = _image(150, 40, 0)
+    inputs = anyres_source.processor(text="USER: <image>\nWhat? ASSISTANT:", images=image, return_tensors="pt")
+    inputs["input_ids"] = inputs["input_ids"][:, 1:]  # still the placeholders, one token less in front
+    inputs["attention_mask"] = inputs["attention_mask"][:, 1:]
+    with torch.no_grad():
+        anyres_source.model.eval()(**inputs)  # placeholders unchanged: runs
+    image_token = anyres_source.model.config.image_token_id
+    first = int((inputs["input_ids"][0] == image_token).nonzero()[0])
+    inputs["input_ids"] = torch.cat([inputs["input_ids"][:, :first], inputs["input_ids"][:, first + 1:]], dim=1)
+    inputs["attention_mask"] = inputs["attention_mask"][:, 1:]
+    with pytest.raises(ValueError, match="anyres_num_image_tokens"), torch.no_grad():
+        anyres_source.model(**inputs)
