@@ -87,6 +87,18 @@ def shape_record(image_index: int, image: str, question_type: str, question: str
     }
 
 
+def variant_records(batch: list[dict], question_types, id_prefix: str, source: str) -> list[dict]:
+    """The records of `batch` (from `shape_record`) whose type is in `question_types`, renamed for a variant:
+    ids `{id_prefix}-...` instead of `shapes-...`, and the variant's `source`."""
+    kept = []
+    for record in batch:
+        if record["question_type"] in question_types:
+            record["id"] = record["id"].replace("shapes-", f"{id_prefix}-", 1)
+            record["source"] = source
+            kept.append(record)
+    return kept
+
+
 def check_sizes(num_images: int, image_size: int, minimum: int) -> None:
     """DataToolError unless there is an image to draw and the side is at least `minimum` pixels."""
     if num_images < 1:

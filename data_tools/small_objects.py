@@ -23,7 +23,8 @@ import random
 
 from .io import DataToolError, write_json
 from .records import CAPTION_PROMPT
-from .shapes import COLORS, POSITION_MARGIN, SHAPES, ShapeObject, balanced, caption_for, check_sizes, draw_scene, shape_record
+from .shapes import (COLORS, POSITION_MARGIN, SHAPES, ShapeObject, balanced, caption_for, check_sizes, draw_scene,
+                     shape_record, variant_records)
 
 QUESTION_TYPES = ("color", "shape", "presence", "position", "caption")
 DEFAULT_QUESTION_TYPES = ("color", "shape", "presence", "position")
@@ -82,11 +83,7 @@ def synthesize_small_objects(out_dir: str, num_images: int = 3000, image_size: i
                     obj.side_of_image(image_size), scene),
             shape_record(i, image, "caption", CAPTION_PROMPT, caption_for([obj]), scene),
         ]
-        for record in batch:
-            if record["question_type"] in question_types:
-                record["id"] = record["id"].replace("shapes-", "small-", 1)
-                record["source"] = SOURCE
-                records.append(record)
+        records += variant_records(batch, question_types, "small", SOURCE)
     path = os.path.join(out_dir, "dataset.json")
     write_json(path, records)
     return path

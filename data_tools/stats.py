@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from llava_tiny.checks import SampleChecks, check_samples
 
 from .filter import UNKNOWN_SOURCE, SourceRule
+from .image_tokens import (ImageTokenSettings, add_image_token_arguments, anyres_sample_lengths, image_size_summary,
+                           image_tokens_text, settings_from_args)
 from .io import add_report_argument, check_output_path, cli_errors, load_samples, sample_images, write_report
 from .token_lengths import length_summary, load_tokenizer, measure_token_lengths
 
@@ -46,18 +48,23 @@ def answer_distribution(samples: list[dict], top: int = 5) -> dict:
             for qtype, counts in sorted(by_type.items())}
 
 
-def image_summary(facts) -> dict:
-    """Modes and sizes of the distinct images (`llava_tiny.checks.ImageFacts`), problems counted."""
+def image_summary(facts, settings: ImageTokenSettings) -> dict:
+    """Modes and sizes of the distinct images (`llava_tiny.checks.ImageFacts`), problems counted, and the image
+    tokens they would take (`image_tokens.image_size_summary`)."""
     good = [f for f in facts if f.problem is None]
     return {"images": len(good), "unreadable": len(facts) - len(good),
             "modes": dict(Counter(f.mode for f in good).most_common()),
-            "sizes": {f"{w}x{h}": n for (w, h), n in Counter(f.size for f in good).most_common(5)}}
+            "sizes": {f"{w}x{h}": n for (w, h), n in Counter(f.size for f in good).most_common(5)},
+            **image_size_summary([f.size for f in good], settings)}
 
 
 def describe(samples: list[dict], token_lengths: dict[int, int] | None = None, indices=None,
-             checked: SampleChecks | None = None) -> dict:
+             checked: SampleChecks | None = None, image_tokens: ImageTokenSettings = ImageTokenSettings(),
+             num_image_tokens: int = 576) -> dict:
     """Counts, length summaries and answer distributions of `samples` (or of the ones at `indices`); image
-    modes and sizes when `checked` (`llava_tiny.checks.check_samples` of the same samples) is given."""
+    modes, sizes and image tokens when `checked` (`llava_tiny.checks.check_samples` of the same samples) is
+    given, and with `token_lengths` (measured with `num_image_tokens` per image) too, the lengths under anyres
+    when `image_tokens` has pinpoints."""
     indices = range(len(samples)) if indices is None else indices
     chosen = [samples[i] for i in indices]
     images = {p for s in chosen for p in sample_images(s) if isinstance(p, str)}
@@ -77,9 +84,14 @@ def describe(samples: list[dict], token_lengths: dict[int, int] | None = None, i
     }
     if checked is not None:
         paths = {path for i in indices for path in checked.paths.get(i, [])}
-        row["image_files"] = image_summary([checked.images[path] for path in sorted(paths)])
+        row["image_files"] = image_summary([checked.images[path] for path in sorted(paths)], image_tokens)
     if token_lengths is not None:
         row["tokens"] = length_summary([token_lengths[i] for i in indices if i in token_lengths])
+    if token_lengths is not None and checked is not None and image_tokens.pinpoints:
+        sizes = {path: facts.size for path, facts in checked.images.items() if facts.problem is None}
+        chosen_lengths = {i: token_lengths[i] for i in indices if i in token_lengths}
+        row["tokens_anyres"] = length_summary(anyres_sample_lengths(chosen_lengths, checked.paths, sizes, image_tokens,
+                                                                    num_image_tokens).values())
     return row
 
 
@@ -128,6 +140,7 @@ def answers_text(stats: dict) -> str:
             modes = ", ".join(f"{mode} {n}" for mode, n in files["modes"].items())
             lines.append(f"{split} images: {files['images']} ({modes}; sizes {', '.join(files['sizes'])}; "
                          f"{files['unreadable']} unreadable)")
+            lines.extend(image_tokens_text(split, files, row.get("tokens_anyres")))
     return "\n" + "\n".join(lines) + "\n" if lines else ""
 
 
@@ -190,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", default="llava_v1", help="conversation template (default llava_v1)")
     parser.add_argument("--num-image-tokens", type=int, default=576, help="placeholders per <image> (default 576)")
     parser.add_argument("--image-folder", help="also report image modes (RGB, RGBA, L, ...) and sizes, read from "
-                                               "the image headers")
+                                               "the image headers, and the image tokens each takes under pad "
+                                               "and (with --image-grid-pinpoints) anyres")
+    add_image_token_arguments(parser)
     parser.add_argument("--out-dir", help="write stats.md and stats.png here")
     add_report_argument(parser)
     return parser
@@ -198,11 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_errors
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     outputs = [os.path.join(args.out_dir, n) for n in ("stats.md", "stats.png")] if args.out_dir else []
     for path in [*outputs, args.report]:
         check_output_path(path, args.data)
     rule = SourceRule.parse(args.source_rule)
+    image_tokens = settings_from_args(args, parser)
     if args.tokenizer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tokenizer = load_tokenizer(args.tokenizer, args.version) if args.tokenizer else None
@@ -219,10 +236,11 @@ def main(argv=None) -> int:
         by_source: dict[str, list[int]] = {}
         for index, sample in enumerate(samples):
             by_source.setdefault(rule.source_of(sample) or UNKNOWN_SOURCE, []).append(index)
-        stats[split] = {ALL_SOURCES: describe(samples, lengths, checked=checked)}
+        described = dict(checked=checked, image_tokens=image_tokens, num_image_tokens=args.num_image_tokens)
+        stats[split] = {ALL_SOURCES: describe(samples, lengths, **described)}
         if len(by_source) > 1:  # one source would repeat the (all) row
             for source in sorted(by_source):
-                stats[split][source] = describe(samples, lengths, by_source[source], checked)
+                stats[split][source] = describe(samples, lengths, by_source[source], **described)
         words[split] = [len(a.split()) for s in samples for a in _answers(s)]
         answers[split] = Counter(a.strip().lower() for s in samples for a in _answers(s))
     table = markdown_table(stats, tokenizer is not None) + answers_text(stats)

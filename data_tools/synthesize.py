@@ -4,6 +4,7 @@
         [--layout random|grid] [--objects distinct|alike]
         [--question-types color shape count presence position caption]
     python -m data_tools.synthesize --variant small-objects ...   # one small shape per image (small_objects.py)
+    python -m data_tools.synthesize --variant highres ...   # 1-3 tiny shapes in a large image (highres.py)
 
 Each image holds 1-3 large shapes on a plain white background, at random non-overlapping
 positions (or one per cell of a 2x2 grid with --layout grid). With `--objects distinct` (default)
@@ -30,6 +31,8 @@ import math
 import os
 import random
 
+from .highres import DEFAULT_QUESTION_TYPES as HIGHRES_QUESTION_TYPES
+from .highres import synthesize_highres
 from .io import DataToolError, add_report_argument, cli_errors, write_json, write_report
 from .records import CAPTION_PROMPT
 from .shapes import (COLORS, POSITION_MARGIN, SHAPES, ShapeObject, balanced, caption_for, check_sizes, draw_scene,
@@ -42,7 +45,7 @@ QUESTION_TYPES = ("color", "shape", "count", "presence", "position", "caption")
 OBJECT_FRACTION = 0.3
 MIN_IMAGE_SIZE = 16
 LAYOUTS = ("random", "grid")
-VARIANTS = ("scenes", "small-objects")
+VARIANTS = ("scenes", "small-objects", "highres")
 OBJECT_KINDS = ("distinct", "alike")
 GRID = 2  # cells per side of the grid layout
 
@@ -211,10 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "image share one colour and one shape (no binding to learn)")
     parser.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES, default=None,
                         metavar="TYPE", help=f"records to write (default all: {' '.join(QUESTION_TYPES)}; "
-                                             "small-objects: color shape presence position)")
+                                             "small-objects: color shape presence position; highres: color "
+                                             "shape count presence)")
     parser.add_argument("--variant", choices=VARIANTS, default="scenes",
                         help="scenes: 1-3 large shapes (default); small-objects: one small shape at a random "
-                             "position, --layout and --objects do not apply (data_tools/small_objects.py)")
+                             "position, --layout and --objects do not apply (data_tools/small_objects.py); highres: "
+                             "1-3 alike shapes of 1/16 of the side, for --image-size 128 or 256 "
+                             "(data_tools/highres.py)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR/dataset.json")
     add_report_argument(parser)
     return parser
@@ -229,6 +235,9 @@ def main(argv=None) -> int:
     if args.variant == "small-objects":
         args.question_types = args.question_types or list(DEFAULT_QUESTION_TYPES)
         path = synthesize_small_objects(args.out_dir, args.num_images, args.image_size, args.seed, args.question_types)
+    elif args.variant == "highres":
+        args.question_types = args.question_types or list(HIGHRES_QUESTION_TYPES)
+        path = synthesize_highres(args.out_dir, args.num_images, args.image_size, args.seed, args.question_types)
     else:
         args.question_types = args.question_types or list(QUESTION_TYPES)
         path = synthesize(args.out_dir, args.num_images, args.image_size, args.seed, args.layout,
@@ -236,7 +245,8 @@ def main(argv=None) -> int:
     with open(path, encoding="utf-8") as f:
         records = json.load(f)
     counts = answer_counts(records)
-    kind = "one small object" if args.variant == "small-objects" else f"{args.layout} layout, {args.objects} objects"
+    kind = {"small-objects": "one small object", "highres": "1-3 tiny alike objects"}.get(
+        args.variant, f"{args.layout} layout, {args.objects} objects")
     print(f"wrote {len(records)} records for {args.num_images} images ({args.image_size}px, {kind}) to {path}")
     for qtype, answers in counts.items():
         print(f"  {qtype:9s} " + "  ".join(f"{a}={n}" for a, n in answers.items()))

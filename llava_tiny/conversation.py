@@ -9,6 +9,8 @@ LLaVA's `preprocess_multimodal` does (`templates.place_image_marker`).
 """
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from .auto_template import AUTO_TEMPLATE, AutoTemplate, default_template, wrapped_chat_template
@@ -178,12 +180,30 @@ def _encode_in_context(tokenizer, text: str, context: str) -> list[int]:
     return _encode(tokenizer, text)  # a token spans the boundary: fall back to the chunk alone
 
 
-def _encode_chunk(tokenizer, text: str, context: str, image_token_id: int, num_image_tokens: int) -> list[int]:
-    """Tokenize one chunk, expanding each `<image>` into `num_image_tokens` placeholders."""
+ImageTokens = int | Sequence[int]  # placeholders per `<image>`: one count for all, or one per image in order (anyres)
+
+
+def _image_counts(num_image_tokens: ImageTokens) -> Iterator[int]:
+    """The placeholder count of each successive `<image>` marker."""
+    if isinstance(num_image_tokens, int):
+        return itertools.repeat(num_image_tokens)
+    return iter(num_image_tokens)
+
+
+def _placeholders(num_image_tokens: ImageTokens, markers: int) -> int:
+    """How many placeholders `markers` images take in all."""
+    return markers * num_image_tokens if isinstance(num_image_tokens, int) else sum(num_image_tokens)
+
+
+def _encode_chunk(tokenizer, text: str, context: str, image_token_id: int, counts: Iterator[int]) -> list[int]:
+    """Tokenize one chunk, expanding each `<image>` into the next of `counts` placeholders."""
     ids: list[int] = []
     for k, piece in enumerate(text.split(IMAGE_TOKEN)):
         if k:
-            ids.extend([image_token_id] * num_image_tokens)
+            count = next(counts, None)
+            if count is None:
+                raise ConversationError(f"more {IMAGE_TOKEN} markers than images to count placeholders for")
+            ids.extend([image_token_id] * count)
             context = IMAGE_TOKEN
         if piece:
             ids.extend(_encode_in_context(tokenizer, piece, context))
@@ -197,8 +217,9 @@ def _image_token_id(tokenizer) -> int:
     return image_token_id
 
 
-def _encode_turns(turns, tokenizer, template, num_image_tokens: int, system: str | None = None):
+def _encode_turns(turns, tokenizer, template, num_image_tokens: ImageTokens, system: str | None = None):
     image_token_id = _image_token_id(tokenizer) if num_image_tokens else None  # text-only models have none
+    counts = _image_counts(num_image_tokens)
     input_ids = [tokenizer.bos_token_id] if template.bos and tokenizer.bos_token_id is not None else []
     labels = [IGNORE_INDEX] * len(input_ids)
     context = tokenizer.bos_token if input_ids else ""
@@ -207,7 +228,7 @@ def _encode_turns(turns, tokenizer, template, num_image_tokens: int, system: str
     # Where each turn pair ends (after its last supervised chunk), so truncation can drop whole trailing turns.
     turn_ends = []
     for i, (text, supervised) in enumerate(chunks):
-        ids = _encode_chunk(tokenizer, text, context, image_token_id, num_image_tokens)
+        ids = _encode_chunk(tokenizer, text, context, image_token_id, counts)
         input_ids.extend(ids)
         labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
         if supervised and (i + 1 == len(chunks) or not chunks[i + 1][1]):
@@ -230,13 +251,14 @@ def _fit(input_ids: list[int], labels: list[int], ends: list[int], model_max_len
 
 
 def tokenize_conversation(conversations: list[dict], tokenizer, template: str | ChatTemplate = "llava_v1",
-                          num_image_tokens: int = 576, num_images: int | None = None,
+                          num_image_tokens: ImageTokens = 576, num_images: int | None = None,
                           model_max_length: int | None = None, sample_id=None,
                           system: str | None = None) -> TokenizedConversation:
     """Turn LLaVA `conversations` into `input_ids` and `labels` for training.
 
     Labels are -100 everywhere except the assistant answers and their end-of-turn token. Each
-    `<image>` becomes exactly `num_image_tokens` placeholder ids. If `num_images` is given, the
+    `<image>` becomes exactly `num_image_tokens` placeholder ids (or, a list, its own count per image in
+    order: anyres, `llava_tiny.anyres.anyres_num_image_tokens`). If `num_images` is given, the
     number of `<image>` markers must equal it. `system` (a sample's own system message) replaces the
     template's system prompt. When the conversation is longer than `model_max_length`, whole
     trailing turns are dropped; a first turn that cannot fit (it holds the image placeholders)
@@ -249,7 +271,7 @@ def tokenize_conversation(conversations: list[dict], tokenizer, template: str | 
         input_ids, labels, turn_ends = _encode_turns(turns, tokenizer, template, num_image_tokens, system)
     except TemplateError as err:  # a template problem, not the sample's: it stops the run (never skipped)
         raise TemplateError(f"sample {sample_id!r}: {err}") from None
-    needed = (f"the first turn needs {turn_ends[0]} tokens ({markers * num_image_tokens} of them image "
+    needed = (f"the first turn needs {turn_ends[0]} tokens ({_placeholders(num_image_tokens, markers)} of them image "
               "placeholders)" if turn_ends else "")
     return _fit(input_ids, labels, turn_ends, model_max_length, sample_id, needed)
 
@@ -261,7 +283,7 @@ def _leading_special_ids(tokenizer) -> list[int]:
     return with_special[:start]
 
 
-def tokenize_text(text: str, tokenizer, num_image_tokens: int = 576, num_images: int | None = None,
+def tokenize_text(text: str, tokenizer, num_image_tokens: ImageTokens = 576, num_images: int | None = None,
                   model_max_length: int | None = None, sample_id=None) -> TokenizedConversation:
     """A record with only a formatted `text` (SFTTrainer's `dataset_text_field`): every token supervised.
 
@@ -278,7 +300,7 @@ def tokenize_text(text: str, tokenizer, num_image_tokens: int = 576, num_images:
     image_token_id = _image_token_id(tokenizer) if num_image_tokens else None  # text-only models have none
     bos = _leading_special_ids(tokenizer)
     input_ids = bos + _encode_chunk(tokenizer, text, tokenizer.bos_token if bos else "", image_token_id,
-                                    num_image_tokens)
+                                    _image_counts(num_image_tokens))
     labels = [IGNORE_INDEX if i < len(bos) or token == image_token_id else token for i, token in enumerate(input_ids)]
     if model_max_length is None or len(input_ids) <= model_max_length:
         return TokenizedConversation(input_ids, labels)
@@ -290,7 +312,7 @@ def tokenize_text(text: str, tokenizer, num_image_tokens: int = 576, num_images:
     return TokenizedConversation(input_ids[:model_max_length], labels[:model_max_length], dropped_turns=1)
 
 
-def tokenize_sample(sample: dict, tokenizer, template: str | ChatTemplate, num_image_tokens: int,
+def tokenize_sample(sample: dict, tokenizer, template: str | ChatTemplate, num_image_tokens: ImageTokens,
                     model_max_length: int | None = None, sample_id=None) -> TokenizedConversation:
     """A record as `data.load_samples` gives it, tokenized as training does: its conversation with its own
     system message (`tokenize_conversation`), or its formatted `text` (`tokenize_text`)."""
@@ -302,7 +324,7 @@ def tokenize_sample(sample: dict, tokenizer, template: str | ChatTemplate, num_i
 
 
 def tokenize_prompt(question: str, tokenizer, template: str | ChatTemplate = "llava_v1",
-                    num_image_tokens: int = 576, history: list[tuple[str, str]] = (),
+                    num_image_tokens: ImageTokens = 576, history: list[tuple[str, str]] = (),
                     system: str | None = None) -> list[int]:
     """Token ids of a generation prompt: `system` (or the template's), earlier (question, answer) turns, then
     `question`.

@@ -67,8 +67,10 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return canvas.convert("RGB")
 
 
-def _target_size(image_processor) -> tuple[int, int]:
-    size = getattr(image_processor, "crop_size", None) or image_processor.size
+def tower_image_size(image_processor) -> tuple[int, int]:
+    """(width, height) of what the tower sees: its crop size when it crops, else its resize size."""
+    crops = getattr(image_processor, "do_center_crop", False) and getattr(image_processor, "crop_size", None)
+    size = image_processor.crop_size if crops else image_processor.size
     if "height" in size:
         return size["width"], size["height"]
     side = size.get("shortest_edge") or size.get("longest_edge")
@@ -78,6 +80,14 @@ def _target_size(image_processor) -> tuple[int, int]:
 # The settings of an image processor that decide its pixels (all of them `LlavaImageProcessor` settings).
 _PIXEL_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
                    "do_normalize", "image_mean", "image_std")
+
+
+def tower_pixel_settings(image_processor) -> dict:
+    """The settings of the tower's own processor that decide its pixels, as keyword arguments for a stock
+    LLaVA image processor (`LlavaImageProcessor`, `LlavaNextImageProcessor`)."""
+    settings = {k: v for k, v in image_processor.to_dict().items() if k in _PIXEL_SETTINGS and v is not None}
+    settings.setdefault("do_center_crop", False)  # SigLIP has no crop; the LLaVA processors would crop by default
+    return settings
 
 
 def processor_for_aspect_ratio(image_processor, aspect_ratio: str = "pad"):
@@ -95,10 +105,9 @@ def processor_for_aspect_ratio(image_processor, aspect_ratio: str = "pad"):
 
     if aspect_ratio not in ASPECT_RATIOS:
         raise ValueError(f"image_aspect_ratio {aspect_ratio!r}; expected one of {ASPECT_RATIOS}")
-    settings = {k: v for k, v in image_processor.to_dict().items() if k in _PIXEL_SETTINGS and v is not None}
-    settings.setdefault("do_center_crop", False)  # SigLIP has no crop; LlavaImageProcessor would crop by default
+    settings = tower_pixel_settings(image_processor)
     if aspect_ratio == "square":
-        width, height = _target_size(image_processor)
+        width, height = tower_image_size(image_processor)
         settings.update(size={"height": height, "width": width}, do_center_crop=False)
     return LlavaImageProcessor(**settings, do_pad=aspect_ratio == "pad", do_convert_rgb=True)
 

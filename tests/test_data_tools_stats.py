@@ -1,6 +1,8 @@
 """data_tools.stats: per split and per source counts, length summaries, table, PNG and JSON report."""
 import json
 
+import pytest
+
 from data_tools import stats
 from data_tools.testing import conversation
 from llava_tiny.testing.tiny import LLAMA2_TOKENIZER
@@ -80,3 +82,51 @@ def test_one_word_answers_get_a_top_answers_chart():
     assert widths == [0.75, 0.25, 0.0, 1.0]  # train: coat, dress; test: coat, dress
     captions = stats.stats_figure({"train": [5, 7, 1]}, None, {"train": Counter({"a red bus": 1})})
     assert [axis.get_title() for axis in captions.axes] == ["answer length (words)"]
+
+
+def test_image_sizes_and_tokens_under_pad_and_anyres(tmp_path, capsys):
+    """Peer: anyres counts by hand for a 32 px tower, patch 8, grids 1x1..3x3 (4x4 patches per tile):
+    32x32 -> 1x1 tile: 4*4 + 4 newlines + 16 overview = 36; 64x64 -> 2x2 tiles: 8*8 + 8 + 16 = 88;
+    100x20 -> 1x3 tiles (32x96 keeps the most pixels), 4x12 patches, unpadded to 2 rows: 2*12 + 2 + 16 = 42."""
+    from PIL import Image
+
+    for name, size in (("square.png", (32, 32)), ("big.png", (64, 64)), ("strip.png", (100, 20))):
+        Image.new("RGB", size).save(tmp_path / name)
+    samples = [{"id": name, "image": name, "conversations": conversation("What is it?", "a shape")}
+               for name in ("square.png", "big.png", "strip.png", "strip.png")]
+    path = tmp_path / "data_train.json"
+    path.write_text(json.dumps(samples))
+    report = tmp_path / "stats.json"
+    args = ["--data", str(path), "--image-folder", str(tmp_path), "--report", str(report), "--tower-size", "32",
+            "--patch-size", "8", "--tokenizer", LLAMA2_TOKENIZER, "--num-image-tokens", "16"]
+    assert stats.main([*args, "--image_grid_pinpoints", "(1x1),...,(3x3)"]) == 0
+    out = capsys.readouterr().out
+    assert "train image sizes: width median 64 / p95 100 / max 100, height median 32 / p95 64 / max 64" in out
+    assert "train image tokens: pad 16 each (tower 32 px, patch 8); anyres median 42 / p95 88 / max 88" in out
+    row = json.load(open(report))["stats"]["train"]["(all)"]
+    files = row["image_files"]
+    assert files["aspect_ratios"] == {"4:5-5:4": 2, ">4:1": 1}
+    assert files["image_tokens"]["anyres"]["min"] == 36 and files["image_tokens"]["anyres"]["count"] == 3
+    assert files["image_tokens"]["anyres_grids"] == {"1x1": 1, "2x2": 1, "1x3": 1}
+    assert files["image_tokens"]["pinpoints"][-1] == [96, 96]
+    # The same text tokens, each image's 16 placeholders replaced by its anyres count.
+    assert row["tokens_anyres"]["max"] == row["tokens"]["max"] - 16 + 88
+    assert row["tokens_anyres"]["min"] == row["tokens"]["min"] - 16 + 36
+    assert "train tokens per sample under anyres: median" in out
+
+    assert stats.main(args) == 0  # no pinpoints: pad only
+    assert "anyres" not in capsys.readouterr().out
+    assert "anyres" not in json.load(open(report))["stats"]["train"]["(all)"]["image_files"]["image_tokens"]
+
+
+def test_unusable_pinpoints_end_stats_with_a_usage_error(tmp_path, capsys):
+    path = tmp_path / "data_train.json"
+    path.write_text(json.dumps(_samples(1, "UCM", "a farm", "caption")))
+    for flags, expected in ((["--patch-size", "8", "--image-grid-pinpoints", "[[32,48]]"],
+                             "pinpoint [32, 48] is not a [height, width] pair of positive multiples of the tower's "
+                             "image size 32"),
+                            (["--patch-size", "14"], "--tower-size 32 --patch-size 14: expected positive sizes")):
+        with pytest.raises(SystemExit) as exit_info:
+            stats.main(["--data", str(path), "--tower-size", "32", *flags])
+        assert exit_info.value.code == 2
+        assert expected in capsys.readouterr().err

@@ -11,9 +11,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaProcessor
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaNextProcessor, LlavaProcessor
 from transformers.integrations import deepspeed as hf_deepspeed
 
+from ..anyres import anyres_image_processor
 from ..conversation import IMAGE_TOKEN, chat_template_jinja, get_template, prepare_tokenizer
 from .checkpoints import CheckpointKind, kind_saving, save_checkpoint
 from .modeling import LlavaTinyConfig, LlavaTinyForCausalLM
@@ -101,11 +102,19 @@ def _processor_patch_size(config: LlavaTinyConfig) -> int:
     return vision.patch_size
 
 
-def build_processor(image_processor, tokenizer, config: LlavaTinyConfig, template: str) -> LlavaProcessor:
-    """A stock `LlavaProcessor` that expands `<image>` exactly as training does."""
+def build_processor(image_processor, tokenizer, config, template: str):
+    """A stock `LlavaProcessor` that expands `<image>` exactly as training does; for a LLaVA-NeXT config (one with
+    `image_grid_pinpoints`), a stock `LlavaNextProcessor` that tiles images under the same pinpoints and expands
+    each `<image>` to its own image's count."""
     has_cls = VISION_FAMILIES[vision_family(config.vision_config)][1]
-    return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=_processor_patch_size(config),
+    pinpoints = getattr(config, "image_grid_pinpoints", None)
+    if pinpoints:
+        processor_class, image_processor = LlavaNextProcessor, anyres_image_processor(image_processor, pinpoints)
+        patch_size = config.vision_config.patch_size
+    else:
+        processor_class, patch_size = LlavaProcessor, _processor_patch_size(config)
+    return processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
         chat_template=chat_template_jinja(template, tokenizer), image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1 if has_cls else 0)

@@ -1,6 +1,6 @@
 """Load any checkpoint a user has, deciding what it is from its files (LLaVA's `load_pretrained_model`).
 
-The kinds (`checkpoint_kinds.py`: full, text, lora, projector, llava_original, and any registered later)
+The kinds (`checkpoint_kinds.py`: full, llava_next, text, lora, projector, llava_original, and any registered later)
 each know how to load themselves; `checkpoints.resolve_kind` says which one a folder or hub id is.
 `load_checkpoint` gives the model as training starts from it; `load_pretrained_model` puts it on a
 device in eval mode, for inference.

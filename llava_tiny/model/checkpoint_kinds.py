@@ -35,6 +35,7 @@ from .checkpoints import (ADAPTER_CONFIG, ADAPTER_FILE, BASE_CONFIG_FILE, MODEL_
 from .llava_original import (LLAVA_ORIGINAL_TYPES, is_llava_original, pickled_weights_error, projector_from,
                              projector_state, text_config_dict)
 from .modeling import LlavaTinyForCausalLM
+from .modeling_next import LlavaTinyNextConfig, LlavaTinyNextForCausalLM, is_next
 from .vision import select_strategy_for_feature
 
 # Stock transformers writes LLaVA folders in its older key layout; the renames of its own "llava"
@@ -52,6 +53,7 @@ class FullCheckpoint(CheckpointKind):
     name, order = "full", 10
     expects = f"{MODEL_FILES[0]} + a LLaVA config.json (full model)"
     saves_all_weights = brings_projector = own_tower = True
+    model_class, key_layout = LlavaTinyForCausalLM, STOCK_KEY_LAYOUT  # what loads it, from which key names
 
     def recognise(self, found: Found) -> bool:
         # A LoRA run saved over a full one leaves model.safetensors beside the adapter: the folder is the LoRA.
@@ -70,13 +72,16 @@ class FullCheckpoint(CheckpointKind):
         if unexpected:
             raise ValueError(f"{folder}: weights the model does not have: {unexpected[:5]}")
 
+    def read_config(self, folder: str):
+        """The folder's config.json as the config of `model_class`."""
+        return read_config(folder)
+
     def load(self, folder: str, options: LoadOptions) -> LoadedModel:
-        config = read_config(folder)
+        config = self.read_config(folder)
         config.conversation_template = get_template(options.version).name if options.version \
             else config.conversation_template
-        model = LlavaTinyForCausalLM.from_pretrained(folder, config=config, dtype=options.dtype,
-                                                     key_mapping=STOCK_KEY_LAYOUT,
-                                                     quantization_config=options.quantization_config, **options.hub)
+        model = self.model_class.from_pretrained(folder, config=config, dtype=options.dtype, key_mapping=self.key_layout,
+                                                 quantization_config=options.quantization_config, **options.hub)
         if options.attn_implementation:
             model.set_attn_implementation({"text_config": options.attn_implementation})
         tokenizer = AutoTokenizer.from_pretrained(folder, **options.hub)
@@ -86,6 +91,32 @@ class FullCheckpoint(CheckpointKind):
         processor = build_processor(AutoImageProcessor.from_pretrained(folder, **options.hub), tokenizer, config,
                                     config.conversation_template)
         return LoadedModel(model, tokenizer, processor, self)
+
+
+# LLaVA-NeXT's: the same renames, and the image_newline at the top.
+NEXT_KEY_LAYOUT = {**STOCK_KEY_LAYOUT, r"^image_newline": "model.image_newline"}
+NEXT_MODEL_TYPES = ("llava_next", LlavaTinyNextConfig.model_type)  # transformers' LLaVA-NeXT and this project's
+
+
+class LlavaNextCheckpoint(FullCheckpoint):
+    """A full LLaVA-NeXT ("anyres") model: stock `llava_next` (or `llava_tiny_next` for other projectors) with a
+    `LlavaNextProcessor` tiling under the config's `image_grid_pinpoints`. Saved, loaded into a live model and
+    loaded fresh as a full checkpoint (the inherited methods), as its own model class."""
+
+    name, order = "llava_next", 5  # before `full`, which saves any plain model
+    expects = f"{MODEL_FILES[0]} + a LLaVA-NeXT config.json (anyres)"
+    model_class, key_layout = LlavaTinyNextForCausalLM, NEXT_KEY_LAYOUT
+
+    def recognise(self, found: Found) -> bool:
+        return found.has_weights and found.config.get("model_type") in NEXT_MODEL_TYPES \
+            and ADAPTER_CONFIG not in found.files
+
+    def saves_live(self, model) -> bool:
+        return not _is_peft(model) and is_next(model)
+
+    def read_config(self, folder: str) -> LlavaTinyNextConfig:
+        data = read_json(os.path.join(folder, "config.json"))
+        return LlavaTinyNextConfig.from_dict({k: v for k, v in data.items() if k not in ("model_type", "architectures")})
 
 
 def is_text_lora(folder: str) -> bool:
@@ -288,6 +319,7 @@ class ProjectorCheckpoint(CheckpointKind):
 
 
 FULL = register_kind(FullCheckpoint())
+LLAVA_NEXT = register_kind(LlavaNextCheckpoint())
 LORA = register_kind(LoraCheckpoint())
 LLAVA_ORIGINAL = register_kind(LlavaOriginalCheckpoint())
 TEXT = register_kind(TextCheckpoint())

@@ -2,7 +2,7 @@
 
 A checkpoint kind is a `CheckpointKind`: how to recognise a folder (or hub id) of that kind, save a
 live model as one, load one into the live model it was trained from, and load one fresh. The kinds
-this project reads and writes (full, text, lora, projector, llava_original) are in
+this project reads and writes (full, llava_next, text, lora, projector, llava_original) are in
 `checkpoint_kinds.py`, one class each; a new kind is one more class registered with `register_kind`.
 A folder's kind is read from its files, never from its name: `resolve_kind` asks each kind in turn.
 Training's starting point and recipes, loading for inference and serving, merging and export all
@@ -292,6 +292,8 @@ def processor_for_stock_readers(processor, config):
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is None or getattr(config, "vision_config", None) is None:
         return processor  # a text-only model: its processor is its tokenizer
+    if getattr(config, "image_grid_pinpoints", None):
+        return processor  # anyres: a stock LlavaNextProcessor under the config's pinpoints (assembly.build_processor)
     if getattr(config, "image_background", "white") != "white":
         logger.warning("trained with --image_background %s: stock readers of this folder (transformers, vLLM, "
                        "SGLang, lmms-eval) composite transparent pixels onto white; this project's own loaders "

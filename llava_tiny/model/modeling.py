@@ -40,11 +40,12 @@ class LlavaTinyConfig(LlavaConfig):
         return data
 
 
-class LlavaTinyModel(LlavaModel):
-    """Stock `LlavaModel` with a plain error for image-token mismatches, and a blank-image mode for
-    text-only training batches (see `LlavaTinyForCausalLM.forward`)."""
+class PlaceholderCheck:
+    """A plain error for image-token mismatches, and the blank-image mode of `BlankImageForward` (mixed into
+    stock `LlavaModel` and `LlavaNextModel`)."""
 
     blank_image_batch = False
+    placeholders_expected = ""  # how each <image> must expand, for the error
 
     def get_placeholder_mask(self, input_ids, inputs_embeds, image_features):
         if self.blank_image_batch:  # features computed, scattered nowhere: same graph as an image batch
@@ -53,49 +54,52 @@ class LlavaTinyModel(LlavaModel):
             placeholders = int((input_ids == self.config.image_token_id).sum())
             features = image_features.shape[0]  # all images' feature vectors, concatenated
             if placeholders != features:
-                per_image = self.config.image_seq_length
                 raise ValueError(
                     f"the batch has {placeholders} image placeholder tokens but its images give {features} feature "
-                    f"vectors; each <image> must expand to exactly {per_image} tokens for this vision tower "
+                    f"vectors; each <image> must expand to {self.placeholders_expected.format(self.config)} "
                     f"(use llava_tiny.conversation.tokenize_conversation or the saved processor)")
         return super().get_placeholder_mask(input_ids, inputs_embeds, image_features)
 
 
-class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
-    """LLaVA (vision tower -> projector -> causal LM) with the projector from `mm_projector_type`."""
+class LlavaTinyModel(PlaceholderCheck, LlavaModel):
+    """Stock `LlavaModel` with a plain error for image-token mismatches, and a blank-image mode for
+    text-only training batches (see `BlankImageForward`)."""
 
-    config_class = LlavaTinyConfig
+    placeholders_expected = "exactly {0.image_seq_length} tokens for this vision tower"
 
-    def __init__(self, config: LlavaTinyConfig):
-        LlavaPreTrainedModel.__init__(self, config)  # as the stock __init__, with LlavaTinyModel inside
-        self.model = LlavaTinyModel(config)
-        if not is_stock_llava_projector(config.mm_projector_type):
-            self.model.multi_modal_projector = build_projector(
-                config.mm_projector_type, config.vision_config.hidden_size, config.text_config.hidden_size,
-                bias=config.multimodal_projector_bias)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, logits_to_keep=0,
-                mm_encoder_outputs=None, **kwargs):
-        """Stock forward, except that a text-only batch still runs the vision tower and projector on a blank
-        image, scattered into no position (its gradient is zero), when other ranks may be running them
-        (see `_runs_blank_image`)."""
-        # generate() reads this signature to decide what to pass: attention_mask/position_ids (positions
-        # for padded rows), logits_to_keep (1: without it the prefill computed batch x prompt x vocabulary
-        # logits, of which generation reads the last position only) and mm_encoder_outputs.
-        kwargs.update(attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=logits_to_keep,
-                      mm_encoder_outputs=mm_encoder_outputs)
+def init_with_projector(model, config, pretrained_class, inner_class) -> None:
+    """The stock __init__ of a LLaVA-family model, with `inner_class` inside and the projector `mm_projector_type`
+    names (the stock one for mlp2x_gelu)."""
+    pretrained_class.__init__(model, config)
+    model.model = inner_class(config)
+    if not is_stock_llava_projector(config.mm_projector_type):
+        model.model.multi_modal_projector = build_projector(
+            config.mm_projector_type, config.vision_config.hidden_size, config.text_config.hidden_size,
+            bias=config.multimodal_projector_bias)
+    model.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+    model.post_init()
+
+
+class BlankImageForward:
+    """Stock forward, except that a text-only batch still runs the vision tower and projector on a blank
+    image, scattered into no position (its gradient is zero), when other ranks may be running them
+    (see `_runs_blank_image`)."""
+
+    def _forward_images(self, stock_forward, input_ids, pixel_values, **kwargs):
         if pixel_values is not None or input_ids is None or not self._runs_blank_image():
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-        vision = self.config.vision_config
-        blank = torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
-                            dtype=self.model.vision_tower.dtype, device=input_ids.device)
+            return stock_forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
         self.model.blank_image_batch = True
         try:
-            return super().forward(input_ids=input_ids, pixel_values=blank, **kwargs)
+            return stock_forward(input_ids=input_ids, **kwargs, **self._blank_image(input_ids.device))
         finally:
             self.model.blank_image_batch = False
+
+    def _blank_image(self, device) -> dict:
+        """The forward's image inputs for one all-zero tower-sized image."""
+        vision = self.config.vision_config
+        return {"pixel_values": torch.zeros(1, vision.num_channels, vision.image_size, vision.image_size,
+                                            dtype=self.model.vision_tower.dtype, device=device)}
 
     def _runs_blank_image(self) -> bool:
         """Whether a forward without images must still call the tower and projector:
@@ -107,6 +111,25 @@ class LlavaTinyForCausalLM(LlavaForConditionalGeneration):
         if self.training and torch.is_grad_enabled():
             return True
         return hasattr(next(self.model.vision_tower.parameters()), "ds_id")  # set on ZeRO-3 partitioned params
+
+
+class LlavaTinyForCausalLM(BlankImageForward, LlavaForConditionalGeneration):
+    """LLaVA (vision tower -> projector -> causal LM) with the projector from `mm_projector_type`."""
+
+    config_class = LlavaTinyConfig
+
+    def __init__(self, config: LlavaTinyConfig):
+        init_with_projector(self, config, LlavaPreTrainedModel, LlavaTinyModel)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None, logits_to_keep=0,
+                mm_encoder_outputs=None, **kwargs):
+        """Stock forward, with a blank image for text-only training batches (`BlankImageForward`)."""
+        # generate() reads this signature to decide what to pass: attention_mask/position_ids (positions
+        # for padded rows), logits_to_keep (1: without it the prefill computed batch x prompt x vocabulary
+        # logits, of which generation reads the last position only) and mm_encoder_outputs.
+        return self._forward_images(super().forward, input_ids, pixel_values, attention_mask=attention_mask,
+                                    position_ids=position_ids, logits_to_keep=logits_to_keep,
+                                    mm_encoder_outputs=mm_encoder_outputs, **kwargs)
 
 
 def unwrap_model(model):

@@ -23,6 +23,7 @@ from typing import ClassVar, NamedTuple
 
 import transformers
 
+from ..anyres import anyres_flag_problems
 from ..images import ASPECT_RATIOS, IMAGE_BACKGROUNDS
 from .command_line import DDP_TIMEOUT, configure_reporting, on_gpu, prepare_argv
 
@@ -46,7 +47,7 @@ class ModelArguments:
     unfreeze_mm_vision_tower: bool = field(default=False, metadata={"help": "Train the vision tower too (LR: --mm_vision_tower_lr)."})
     mm_use_im_start_end: bool = field(default=False, metadata={"help": "LLaVA-1.0 <im_start>/<im_end> tokens (not supported: keep False)."})
     mm_use_im_patch_token: bool = field(default=False, metadata={"help": "LLaVA-1.0 patch tokens (not supported: keep False)."})
-    mm_patch_merge_type: str = field(default="flat", metadata={"help": "Only 'flat' (LLaVA-1.5)."})
+    mm_patch_merge_type: str = field(default="flat", metadata={"help": "flat (LLaVA-1.5), or spatial_unpad with --image_aspect_ratio anyres (LLaVA-NeXT)."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with a model (off unless you pass it)."})
 
     def check(self, run: RunArguments) -> list[str]:
@@ -75,8 +76,6 @@ class ModelArguments:
         if self.mm_use_im_start_end or self.mm_use_im_patch_token:
             problems.append("--mm_use_im_start_end / --mm_use_im_patch_token are LLaVA-1.0 options that LLaVA-1.5 "
                             "recipes set to False; this project supports only False")
-        if self.mm_patch_merge_type != "flat":
-            problems.append(f"--mm_patch_merge_type {self.mm_patch_merge_type!r}: only 'flat' is supported")
         if self.tune_mm_mlp_adapter and run.training.lora_enable:
             problems.append("--tune_mm_mlp_adapter (stage 1) trains only the projector; do not combine it with "
                             "--lora_enable")
@@ -85,12 +84,16 @@ class ModelArguments:
         return problems + starting_point_problems(self, run.training)
 
 
+TRAINING_ASPECT_RATIOS = (*ASPECT_RATIOS, "anyres")  # anyres: the model becomes LLaVA-NeXT (tiles), see anyres.py
+
+
 @dataclass
 class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL training data."})
     eval_data_path: str | None = field(default=None, metadata={"help": "LLaVA JSON/JSONL for eval loss."})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the 'image' paths are relative to."})
-    image_aspect_ratio: str = field(default="pad", metadata={"help": f"{', '.join(ASPECT_RATIOS)}: pad (to square, mean colour), square or resize."})
+    image_aspect_ratio: str = field(default="pad", metadata={"help": f"{', '.join(TRAINING_ASPECT_RATIOS)}: pad (to square, mean colour), square, resize, or anyres (LLaVA-NeXT tiles; with --image_grid_pinpoints and --mm_patch_merge_type spatial_unpad)."})
+    image_grid_pinpoints: str | None = field(default=None, metadata={"help": "anyres resolutions: [[336,672],[672,336],...] ([height, width] pairs) or a range like (1x1),...,(3x3)."})
     image_background: str = field(default="white", metadata={"help": f"What transparent pixels become: {' or '.join(IMAGE_BACKGROUNDS)} (the image processor's mean colour)."})
     lazy_preprocess: bool = field(default=True, metadata={"help": "No effect: samples are always tokenized and loaded per step."})
     is_multimodal: bool = field(default=True, metadata={"help": "No effect: accepted for LLaVA compatibility."})
@@ -109,14 +112,15 @@ class DataArguments:
                 problems.append(f"{flag} {path}: no such file; expected a LLaVA JSON or JSONL data file")
         if self.image_folder is not None and not os.path.isdir(self.image_folder):
             problems.append(f"--image_folder {self.image_folder}: no such folder")
-        for flag, value, allowed in (("--image_aspect_ratio", self.image_aspect_ratio, ASPECT_RATIOS),
+        for flag, value, allowed in (("--image_aspect_ratio", self.image_aspect_ratio, TRAINING_ASPECT_RATIOS),
                                      ("--image_background", self.image_background, IMAGE_BACKGROUNDS)):
             if value not in allowed:
                 problems.append(f"{flag} {value!r}: expected one of {', '.join(allowed)}")
         if not 0 <= self.max_bad_sample_fraction <= 1:
             problems.append(f"--max_bad_sample_fraction {self.max_bad_sample_fraction}: expected a fraction "
                             "between 0 and 1")
-        return problems
+        return problems + anyres_flag_problems(self.image_aspect_ratio, self.image_grid_pinpoints,
+                                               run.model.mm_patch_merge_type)
 
 
 @dataclass
@@ -238,7 +242,7 @@ NO_EFFECT_FLAGS = ("--lazy_preprocess", "--is_multimodal", "--lora_weight_path",
 # Flags for the tower, the projector and images: named the same way in a text-only run, which has none of them.
 VISION_ONLY_FLAGS = ("--mm_projector_lr", "--mm_vision_tower_lr", "--mm_projector_type", "--mm_vision_select_layer",
                      "--mm_vision_select_feature", "--freeze_mm_mlp_adapter", "--unfreeze_mm_vision_tower",
-                     "--image_aspect_ratio", "--image_background", "--image_folder")
+                     "--image_aspect_ratio", "--image_background", "--image_folder", "--image_grid_pinpoints")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 

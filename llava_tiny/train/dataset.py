@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
+from ..anyres import AnyresTiling
 from ..checks import RepeatFinder, check_length, check_samples
 from ..conversation import IGNORE_INDEX, tokenize_sample
 from ..data import load_samples, normalise_record, record_format, sample_id, sample_images  # noqa: F401 (re-exported)
@@ -45,7 +46,13 @@ class LazySupervisedDataset(Dataset):
                  image_folder: str | None = None, image_aspect_ratio: str = "pad", model_max_length: int = 2048,
                  skip_bad_samples: bool = False, allow_images_outside_folder: bool = False,
                  max_bad_sample_fraction: float = 0.01, report_dir: str | None = None, image_background: str = "white",
-                 data_cache_dir: str | None = None):
+                 data_cache_dir: str | None = None, anyres: AnyresTiling | None = None):
+        if anyres is not None:
+            # LLaVA-NeXT's anyres: each image's `<image>` takes its own count (`_load_item`); the check before
+            # training, which opens no image, counts every image at the most one can take, so a sample it lets
+            # through is never cut into whatever its images' sizes.
+            image_aspect_ratio, num_image_tokens = "anyres", anyres.max_image_tokens
+        self.anyres = anyres
         self.data_path = data_path
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -236,6 +243,8 @@ class LazySupervisedDataset(Dataset):
     def _load_item(self, index: int) -> dict:
         sample, sid = self.samples[index], self.ids[index]
         paths = sample_images(sample)
+        if self.anyres is not None:
+            return self._load_anyres_item(sample, sid, paths)
         tokens = tokenize_sample(sample, self.tokenizer, self.template, self.num_image_tokens, self.model_max_length,
                                  sid)
         item = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels), "sample_id": sid}
@@ -243,8 +252,24 @@ class LazySupervisedDataset(Dataset):
             item["pixel_values"] = self._load_images(paths, sid)
         return item
 
+    def _load_anyres_item(self, sample: dict, sid: str, paths: list[str]) -> dict:
+        """An item under anyres: each `<image>` expanded to its image's own count (the count stock
+        `LlavaNextProcessor` gives), `pixel_values` [images, 1 + most tiles, 3, tile, tile] and `image_sizes`."""
+        images = self._open_images(paths, sid)
+        counts = [self.anyres.image_tokens(image) for image in images]
+        tokens = tokenize_sample(sample, self.tokenizer, self.template, counts, self.model_max_length, sid)
+        item = {"input_ids": torch.tensor(tokens.input_ids), "labels": torch.tensor(tokens.labels), "sample_id": sid}
+        if images:
+            item.update(self.anyres.pixel_values(images, self.image_processor, self.image_background))
+        return item
+
     def _load_images(self, paths: list[str], sid: str) -> torch.Tensor:
         """The sample's images as the tower's pixel values; `ImageDecodeError` names the sample and the path."""
+        images = self._open_images(paths, sid)
+        return preprocess_images(images, self.image_processor, self.image_aspect_ratio, self.image_background)
+
+    def _open_images(self, paths: list[str], sid: str) -> list:
+        """The sample's images, decoded; `ImageDecodeError` names the sample and the path."""
         images = []
         for rel in paths:
             path = resolve_image_path(rel, self.image_folder, self.allow_outside)
@@ -252,7 +277,7 @@ class LazySupervisedDataset(Dataset):
                 images.append(load_image(path))
             except Exception as err:
                 raise ImageDecodeError(f"{self.data_path}: sample {sid!r}: cannot decode image {path}: {err}") from err
-        return preprocess_images(images, self.image_processor, self.image_aspect_ratio, self.image_background)
+        return images
 
 
 def _world() -> tuple[int, int]:
@@ -303,7 +328,8 @@ class CollatorWithMetadata:
 
 
 class DataCollatorForSupervisedDataset:
-    """Right-pads ids (pad id) and labels (-100); stacks images in sample order."""
+    """Right-pads ids (pad id) and labels (-100); stacks images in sample order (anyres: each image's tiles
+    zero-padded to the batch's most, and their `image_sizes`)."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -321,6 +347,10 @@ class DataCollatorForSupervisedDataset:
         batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
                  "sample_ids": [item["sample_id"] for item in items]}
         pixels = [item["pixel_values"] for item in items if "pixel_values" in item]
+        if pixels and pixels[0].dim() == 5:  # anyres: [images, tiles, 3, h, w], tiles zero-padded to the batch's most
+            most = max(p.shape[1] for p in pixels)
+            pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+            batch["image_sizes"] = torch.cat([item["image_sizes"] for item in items if "image_sizes" in item])
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         return batch

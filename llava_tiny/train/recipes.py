@@ -19,7 +19,7 @@ import torch
 from transformers.trainer_pt_utils import get_parameter_names
 
 from ..model import checkpoint_kinds
-from ..model.checkpoints import CheckpointKind, save_checkpoint
+from ..model.checkpoints import CheckpointKind, kind_saving, save_checkpoint
 from ..model.modeling import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,10 @@ def _parts(model) -> dict[str, list[torch.nn.Module]]:
     llava = unwrap_model(model)
     if not hasattr(getattr(llava, "model", None), "vision_tower"):
         return {"language_model": [llava]}
+    # LLaVA-NeXT's image_newline (a parameter, frozen and unfrozen as modules are) trains with the projector.
+    newline = [llava.model.image_newline] if hasattr(llava.model, "image_newline") else []
     return {"language_model": [llava.model.language_model, llava.lm_head],
-            "vision_tower": [llava.model.vision_tower], "projector": [llava.model.multi_modal_projector]}
+            "vision_tower": [llava.model.vision_tower], "projector": [llava.model.multi_modal_projector, *newline]}
 
 
 def parameter_counts(model) -> tuple[int, int]:
@@ -101,6 +103,8 @@ class Recipe(abc.ABC):
 
     def prepare(self, model):
         """Freeze and unfreeze each part, add LoRA adapters where asked; return the model to train."""
+        if self.checkpoint_kind is checkpoint_kinds.FULL:
+            self.checkpoint_kind = kind_saving(model)  # a LLaVA-NeXT model saves as a llava_next folder
         parts = _parts(model)
         tuning = {part: how for part, how in self.tuning().items() if part in parts}
         model.requires_grad_(False)
@@ -128,7 +132,8 @@ class Recipe(abc.ABC):
         args = self.training_args
         decay = set(get_parameter_names(model, [torch.nn.LayerNorm, torch.nn.Embedding]))
         decay = {n for n in decay if "bias" not in n and "norm" not in n}
-        own_rate = {"multi_modal_projector": args.mm_projector_lr, "vision_tower": args.mm_vision_tower_lr}
+        own_rate = {"multi_modal_projector": args.mm_projector_lr, "image_newline": args.mm_projector_lr,
+                    "vision_tower": args.mm_vision_tower_lr}
         groups: dict[tuple, dict] = {}
         for name, param in model.named_parameters():
             if not param.requires_grad:

@@ -21,10 +21,13 @@ if __package__ in (None, ""):  # `python llava_tiny/train/train.py`: make the pa
 import torch  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from llava_tiny.model import image_seq_length  # noqa: E402
+from llava_tiny.anyres import AnyresTiling  # noqa: E402
+from llava_tiny.model import image_seq_length, unwrap_model  # noqa: E402
+from llava_tiny.model.anyres_model import with_anyres  # noqa: E402
 from llava_tiny.model.builder import resolve_dtype  # noqa: E402
 from llava_tiny.model.checkpoints import load_projector_weights  # noqa: E402
-from llava_tiny.train.arguments import RunArguments, check_flags_against_model, parse_args  # noqa: E402
+from llava_tiny.model.modeling_next import is_next  # noqa: E402
+from llava_tiny.train.arguments import FlagError, RunArguments, check_flags_against_model, parse_args  # noqa: E402
 from llava_tiny.train.callbacks import PreemptionCallback  # noqa: E402
 from llava_tiny.train.dataset import LazySupervisedDataset  # noqa: E402
 from llava_tiny.train.distributed import (PeerWatchdog, StepWatchdog, end_process_group,  # noqa: E402
@@ -74,6 +77,10 @@ def build_trainer(args: RunArguments, attn_implementation: str | None = None) ->
 def make_datasets(loaded, args: RunArguments, dataset_class=LazySupervisedDataset):
     """The training and eval (None without --eval_data_path) datasets of `dataset_class` for `args`."""
     _, data_args, training_args = args
+    config = unwrap_model(loaded.model).config
+    # An anyres model: each <image> takes its own image's count, tiled under the model's pinpoints.
+    anyres = AnyresTiling.for_tower(config.image_grid_pinpoints, loaded.image_processor,
+                                    config.vision_config.patch_size) if is_next(loaded.model) else None
 
     def dataset(path):
         return dataset_class(
@@ -82,7 +89,7 @@ def make_datasets(loaded, args: RunArguments, dataset_class=LazySupervisedDatase
             image_background=data_args.image_background, model_max_length=training_args.model_max_length,
             skip_bad_samples=data_args.skip_bad_samples, allow_images_outside_folder=data_args.allow_images_outside_folder,
             max_bad_sample_fraction=data_args.max_bad_sample_fraction, report_dir=training_args.output_dir,
-            data_cache_dir=data_args.data_cache_dir)
+            data_cache_dir=data_args.data_cache_dir, anyres=anyres)
 
     return dataset(data_args.data_path), dataset(data_args.eval_data_path) if data_args.eval_data_path else None
 
@@ -99,6 +106,7 @@ def load_model_for_training(args: RunArguments, attn_implementation: str | None 
                                  _attention(attn_implementation))
     check_flags_against_model(training_args, loaded.model)  # before the recipe changes the model
     if getattr(loaded.model.config, "vision_config", None) is not None:  # saved: how this model sees images
+        loaded = _anyres_or_not(loaded, data_args)
         loaded.model.config.image_aspect_ratio = data_args.image_aspect_ratio
         loaded.model.config.image_background = data_args.image_background
     if model_args.pretrain_mm_mlp_adapter:
@@ -107,6 +115,18 @@ def load_model_for_training(args: RunArguments, attn_implementation: str | None 
     model = recipe.prepare(loaded.model)
     run_frozen_tower_without_grad(model)
     return loaded, model, recipe
+
+
+def _anyres_or_not(loaded, data_args):
+    """With --image_aspect_ratio anyres, the model as LLaVA-NeXT (a LLaVA-1.5 one converted); a NeXT starting point
+    reads tiles only."""
+    if data_args.image_aspect_ratio == "anyres":
+        return with_anyres(loaded, data_args.image_grid_pinpoints)
+    if is_next(loaded.model):
+        raise FlagError(f"--model_name_or_path is a LLaVA-NeXT (anyres) model, which reads images as tiles: pass "
+                        f"--image_aspect_ratio anyres --mm_patch_merge_type spatial_unpad --image_grid_pinpoints "
+                        f"(its own: {loaded.model.config.image_grid_pinpoints}), not {data_args.image_aspect_ratio}")
+    return loaded
 
 
 def run(trainer: LlavaTrainer, resume_from_checkpoint: str | None = None) -> None:
