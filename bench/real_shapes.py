@@ -238,8 +238,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="tiny random shapes, the same phases (CI)")
     parser.add_argument("--min-free-gb", type=float, default=None,
                         help="skip a phase when less memory is available (default 14 real, 1 dry run)")
-    parser.add_argument("--max-rss-gb", type=float, default=17,
-                        help="kill a phase whose processes together hold more (recorded as such; default 17)")
+    parser.add_argument("--max-rss-gb", type=float, default=20,
+                        help="kill a phase whose processes together hold more (recorded as such; default 20)")
     parser.add_argument("--phase-timeout", type=float, default=None, help="seconds (default 1800 real, 300 dry run)")
     args = parser.parse_args(argv)
     shapes = DRY if args.dry_run else REAL
