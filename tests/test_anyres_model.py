@@ -53,7 +53,7 @@ def _run_stock(folder, images_dir, names, out):
     done = subprocess.run([sys.executable, "-c", STOCK_PEER, folder, str(images_dir), str(out), json.dumps(names)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=str(images_dir))
     assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
