@@ -33,8 +33,9 @@ setup(
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "gradio>=5", "openai>=1.0", "httpx"],
         # selenium drives the system Chromium in the web chat test (no browser download here); trl is the
         # DPO tests' oracle (tests/test_dpo_loss.py); schemathesis draws requests from OpenAI's API document
-        # and jsonschema checks the answers against it (tests/test_serve_openapi.py).
-        "dev": ["pytest", "hypothesis", "pytest-timeout", "selenium", "trl>=1.16,<2", "schemathesis>=4.32,<5",
+        # and jsonschema checks the answers against it (tests/test_serve_openapi.py); pytest-xdist runs the
+        # suite's files on both cores (scripts/test.sh).
+        "dev": ["pytest", "pytest-xdist>=3.6,<4", "hypothesis", "pytest-timeout", "selenium", "trl>=1.16,<2", "schemathesis>=4.32,<5",
                 "jsonschema>=4.18"],
     },
 )

@@ -2,6 +2,7 @@
 # The test command: sets everything up on a fresh machine, then runs the whole suite on the CPU.
 #   bash scripts/test.sh            # everything (what CI runs)
 #   bash scripts/test.sh -m "not slow"   # skip the multi-process and long tests
+#   TEST_WORKERS=1 bash scripts/test.sh  # one process (default: one per core, each test file on one of them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
@@ -13,4 +14,7 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
 fi
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # tests/conftest.py puts .venv/bin first on PATH and keeps DeepSpeed's CPU op in .torch_extensions/.
-exec .venv/bin/python -m pytest -q "$@"
+# Most tests (and every rank they launch) use one core, so one worker per core nearly halves the wall time;
+# --dist loadfile keeps each file, and its module-scoped fixtures (one trained run shared by several tests), in
+# one worker.
+exec .venv/bin/python -m pytest -q -n "${TEST_WORKERS:-$(nproc)}" --dist loadfile "$@"

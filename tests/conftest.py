@@ -8,6 +8,8 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
+if "PYTEST_XDIST_WORKER" in os.environ:  # one worker per core (scripts/test.sh): a second thread only contends
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every subprocess finds this environment's `deepspeed` launcher and `ninja`, and DeepSpeed's CPU op is built once
 # per checkout: two ninja binaries (the venv's and /usr/bin's) alternating over one build folder rebuilt the op
 # (~45 s) at each switch, four times in one CI run, and pushed gpu_suite's ZeRO-2 smoke run past its budget.
