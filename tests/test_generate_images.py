@@ -1,0 +1,111 @@
+"""Batched generation with images of several sizes, several images per prompt and text-only prompts in ONE batch,
+for a LLaVA-1.5 (pad) and an anyres (LLaVA-NeXT) model: our prompt ids and greedy tokens (`inference.generate_ids`)
+equal the stock peer's, stock transformers' `AutoProcessor` (`LlavaProcessor` / `LlavaNextProcessor`, its chat
+template) and `generate()` of `LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration` on the same saved
+folder, in a subprocess that imports nothing of ours."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_tiny.inference import GenerationSettings, ImageReader, build_prompt, generate_ids, probe_inputs
+from llava_tiny.model.anyres_model import with_anyres
+from llava_tiny.model.builder import assemble_model, load_pretrained_model
+from llava_tiny.conversation import stop_token_ids
+
+PINPOINTS = "(1x1),...,(2x2)"  # tiles of the tiny tower's 56 px
+# (question, image sizes as (width, height)): two images of different shapes, text only, one tall, one wide.
+BATCH = [("Do the two images show the same colour?", [(150, 40), (56, 56)]),
+         ("Say the number 3.", []),
+         ("What colour is it?", [(40, 130)]),
+         ("What shape is it?", [(120, 90)])]
+NEW_TOKENS = 6
+
+STOCK_PEER = r"""
+import json, sys, torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder, images_dir, out, batch, stops = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+processor = AutoProcessor.from_pretrained(folder)
+processor.tokenizer.padding_side = "left"
+texts, images = [], []
+for question, names in batch:
+    content = [{"type": "image"} for _ in names] + [{"type": "text", "text": question}]
+    texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+    images += [Image.open(f"{images_dir}/{name}") for name in names]
+inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+with torch.no_grad():
+    generated = model.generate(**inputs, max_new_tokens=int(sys.argv[6]), do_sample=False, eos_token_id=stops,
+                               pad_token_id=processor.tokenizer.pad_token_id)
+torch.save({"model": type(model).__name__, "processor": type(processor).__name__, "input_ids": inputs["input_ids"],
+            "attention_mask": inputs["attention_mask"], "new": generated[:, inputs["input_ids"].shape[1]:]}, out)
+"""
+
+
+def _image(width, height, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module")
+def anyres_dir(tmp_path_factory, tiny_parts):
+    """A saved anyres (stock llava_next) folder of the tiny parts, image_newline visibly part of the features."""
+    torch.manual_seed(0)
+    loaded = with_anyres(assemble_model(tiny_parts["llm"], tiny_parts["clip"]), PINPOINTS)
+    with torch.no_grad():
+        loaded.model.model.image_newline.mul_(10)
+    folder = str(tmp_path_factory.mktemp("anyres") / "model")
+    loaded.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["pad", "anyres"])
+def test_a_mixed_batch_generates_the_stock_peers_tokens(kind, tmp_path, model_dir, anyres_dir):
+    folder = anyres_dir if kind == "anyres" else model_dir
+    loaded = load_pretrained_model(folder, device="cpu")
+    batch, prompts, seed = [], [], 0
+    for question, sizes in BATCH:
+        names, images = [], []
+        for width, height in sizes:
+            seed += 1
+            names.append(f"image{seed}.png")
+            images.append(_image(width, height, seed))
+            images[-1].save(tmp_path / names[-1])
+        batch.append((question, names))
+        prompts.append(build_prompt(loaded, "<image>\n" * len(images) + question, images))
+    stops = stop_token_ids(loaded.tokenizer, loaded.template)
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours is importable there
+    done = subprocess.run([sys.executable, "-c", STOCK_PEER, folder, str(tmp_path), str(tmp_path / "stock.pt"),
+                           json.dumps(batch), json.dumps(stops), str(NEW_TOKENS)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    stock = torch.load(tmp_path / "stock.pt", weights_only=True)
+    assert (stock["model"], stock["processor"]) == (("LlavaNextForConditionalGeneration", "LlavaNextProcessor")
+                                                    if kind == "anyres" else
+                                                    ("LlavaForConditionalGeneration", "LlavaProcessor"))
+
+    reader = ImageReader.of(loaded)
+    counts = [reader.counts(prompt.images) for prompt in prompts]
+    if kind == "anyres":  # each image its own count: the batch really mixes them
+        assert len({c for row in counts for c in row}) == 4, counts
+    for row, prompt in enumerate(prompts):  # the same ids: template, markers, each image's placeholder count
+        real = stock["attention_mask"][row].bool()
+        assert stock["input_ids"][row][real].tolist() == prompt.input_ids, row
+        assert prompt.input_ids.count(loaded.model.config.image_token_id) == sum(counts[row])
+    ours = generate_ids(loaded, prompts, stops, GenerationSettings(max_new_tokens=NEW_TOKENS))
+    assert ours == stock["new"].tolist()
+
+
+def test_an_anyres_model_refuses_another_aspect_ratio(anyres_dir):
+    loaded = load_pretrained_model(anyres_dir, device="cpu")
+    prompt = build_prompt(loaded, "<image>\nWhat?", [_image(60, 30, 0)])
+    with pytest.raises(ValueError, match="reads images as tiles only"):
+        generate_ids(loaded, [prompt], [], GenerationSettings(max_new_tokens=1, image_aspect_ratio="pad"))
+    probe = probe_inputs(loaded)  # the parity probe of merge/export: a wide image, several tiles, its size
+    assert probe["image_sizes"].tolist() == [[56, 84]] and probe["pixel_values"].shape[1] > 2
