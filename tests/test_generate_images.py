@@ -13,11 +13,9 @@ import torch
 from PIL import Image
 
 from llava_tiny.inference import GenerationSettings, ImageReader, build_prompt, generate_ids, probe_inputs
-from llava_tiny.model.anyres_model import with_anyres
-from llava_tiny.model.builder import assemble_model, load_pretrained_model
+from llava_tiny.model.builder import load_pretrained_model
 from llava_tiny.conversation import stop_token_ids
 
-PINPOINTS = "(1x1),...,(2x2)"  # tiles of the tiny tower's 56 px
 # (question, image sizes as (width, height)): two images of different shapes, text only, one tall, one wide.
 BATCH = [("Do the two images show the same colour?", [(150, 40), (56, 56)]),
          ("Say the number 3.", []),
@@ -29,22 +27,27 @@ STOCK_PEER = r"""
 import json, sys, torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
-folder, images_dir, out, batch, stops = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
-model = AutoModelForImageTextToText.from_pretrained(folder).eval()
-processor = AutoProcessor.from_pretrained(folder)
-processor.tokenizer.padding_side = "left"
-texts, images = [], []
-for question, names in batch:
-    content = [{"type": "image"} for _ in names] + [{"type": "text", "text": question}]
-    texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-    images += [Image.open(f"{images_dir}/{name}") for name in names]
-inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-with torch.no_grad():
-    generated = model.generate(**inputs, max_new_tokens=int(sys.argv[6]), do_sample=False, eos_token_id=stops,
-                               pad_token_id=processor.tokenizer.pad_token_id)
-torch.save({"model": type(model).__name__, "processor": type(processor).__name__, "input_ids": inputs["input_ids"],
-            "attention_mask": inputs["attention_mask"], "new": generated[:, inputs["input_ids"].shape[1]:]}, out)
+images_dir, batch, new_tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+for folder, stops, out in json.loads(sys.argv[4]):
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    texts, images = [], []
+    for question, names in batch:
+        content = [{"type": "image"} for _ in names] + [{"type": "text", "text": question}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        images += [Image.open(f"{images_dir}/{name}") for name in names]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, eos_token_id=stops,
+                                   pad_token_id=processor.tokenizer.pad_token_id)
+    torch.save({"model": type(model).__name__, "processor": type(processor).__name__,
+                "input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                "new": generated[:, inputs["input_ids"].shape[1]:]}, out)
 """
+
+STOCK_CLASSES = {"pad": ("LlavaForConditionalGeneration", "LlavaProcessor"),
+                 "anyres": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor")}
 
 
 def _image(width, height, seed):
@@ -52,54 +55,41 @@ def _image(width, height, seed):
     return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8).numpy())
 
 
-@pytest.fixture(scope="module")
-def anyres_dir(tmp_path_factory, tiny_parts):
-    """A saved anyres (stock llava_next) folder of the tiny parts, image_newline visibly part of the features."""
-    torch.manual_seed(0)
-    loaded = with_anyres(assemble_model(tiny_parts["llm"], tiny_parts["clip"]), PINPOINTS)
-    with torch.no_grad():
-        loaded.model.model.image_newline.mul_(10)
-    folder = str(tmp_path_factory.mktemp("anyres") / "model")
-    loaded.save_pretrained(folder)
-    return folder
-
-
-@pytest.mark.parametrize("kind", ["pad", "anyres"])
-def test_a_mixed_batch_generates_the_stock_peers_tokens(kind, tmp_path, model_dir, anyres_dir):
-    folder = anyres_dir if kind == "anyres" else model_dir
-    loaded = load_pretrained_model(folder, device="cpu")
-    batch, prompts, seed = [], [], 0
+def test_a_mixed_batch_generates_the_stock_peers_tokens(tmp_path, model_dir, anyres_dir):
+    batch, images, seed = [], [], 0
     for question, sizes in BATCH:
-        names, images = [], []
+        names = []
         for width, height in sizes:
             seed += 1
             names.append(f"image{seed}.png")
-            images.append(_image(width, height, seed))
-            images[-1].save(tmp_path / names[-1])
+            _image(width, height, seed).save(tmp_path / names[-1])
         batch.append((question, names))
-        prompts.append(build_prompt(loaded, "<image>\n" * len(images) + question, images))
-    stops = stop_token_ids(loaded.tokenizer, loaded.template)
-
+        images.append([Image.open(tmp_path / name) for name in names])
+    models = {"pad": load_pretrained_model(model_dir, device="cpu"),
+              "anyres": load_pretrained_model(anyres_dir, device="cpu")}
+    stops = {kind: stop_token_ids(loaded.tokenizer, loaded.template) for kind, loaded in models.items()}
+    jobs = [(folder, stops[kind], str(tmp_path / f"{kind}.pt")) for kind, folder in (("pad", model_dir),
+                                                                                   ("anyres", anyres_dir))]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of ours is importable there
-    done = subprocess.run([sys.executable, "-c", STOCK_PEER, folder, str(tmp_path), str(tmp_path / "stock.pt"),
-                           json.dumps(batch), json.dumps(stops), str(NEW_TOKENS)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", STOCK_PEER, str(tmp_path), json.dumps(batch), str(NEW_TOKENS),
+                           json.dumps(jobs)], capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
-    stock = torch.load(tmp_path / "stock.pt", weights_only=True)
-    assert (stock["model"], stock["processor"]) == (("LlavaNextForConditionalGeneration", "LlavaNextProcessor")
-                                                    if kind == "anyres" else
-                                                    ("LlavaForConditionalGeneration", "LlavaProcessor"))
 
-    reader = ImageReader.of(loaded)
-    counts = [reader.counts(prompt.images) for prompt in prompts]
-    if kind == "anyres":  # each image its own count: the batch really mixes them
-        assert len({c for row in counts for c in row}) == 4, counts
-    for row, prompt in enumerate(prompts):  # the same ids: template, markers, each image's placeholder count
-        real = stock["attention_mask"][row].bool()
-        assert stock["input_ids"][row][real].tolist() == prompt.input_ids, row
-        assert prompt.input_ids.count(loaded.model.config.image_token_id) == sum(counts[row])
-    ours = generate_ids(loaded, prompts, stops, GenerationSettings(max_new_tokens=NEW_TOKENS))
-    assert ours == stock["new"].tolist()
+    for kind, loaded in models.items():
+        stock = torch.load(tmp_path / f"{kind}.pt", weights_only=True)
+        assert (stock["model"], stock["processor"]) == STOCK_CLASSES[kind]
+        prompts = [build_prompt(loaded, "<image>\n" * len(row) + question, row)
+                   for (question, _), row in zip(BATCH, images)]
+        reader = ImageReader.of(loaded)
+        counts = [reader.counts(prompt.images) for prompt in prompts]
+        if kind == "anyres":  # each image its own count: the batch really mixes them
+            assert len({c for row in counts for c in row}) == 4, counts
+        for row, prompt in enumerate(prompts):  # the same ids: template, markers, each image's placeholder count
+            real = stock["attention_mask"][row].bool()
+            assert stock["input_ids"][row][real].tolist() == prompt.input_ids, (kind, row)
+            assert prompt.input_ids.count(loaded.model.config.image_token_id) == sum(counts[row])
+        ours = generate_ids(loaded, prompts, stops[kind], GenerationSettings(max_new_tokens=NEW_TOKENS))
+        assert ours == stock["new"].tolist(), kind
 
 
 def test_an_anyres_model_refuses_another_aspect_ratio(anyres_dir):
