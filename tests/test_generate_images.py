@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_tiny.inference import GenerationSettings, ImageReader, build_prompt, generate_ids, probe_inputs
+from llava_tiny.inference import GenerationSettings, ImageReader, build_prompt, generate_batch, generate_ids, probe_inputs
 from llava_tiny.model.builder import load_pretrained_model
 from llava_tiny.conversation import stop_token_ids
 
@@ -99,3 +99,32 @@ def test_an_anyres_model_refuses_another_aspect_ratio(anyres_dir):
         generate_ids(loaded, [prompt], [], GenerationSettings(max_new_tokens=1, image_aspect_ratio="pad"))
     probe = probe_inputs(loaded)  # the parity probe of merge/export: a wide image, several tiles, its size
     assert probe["image_sizes"].tolist() == [[56, 84]] and probe["pixel_values"].shape[1] > 2
+
+
+def test_eval_generate_batches_an_anyres_model_with_two_images_per_sample(tmp_path, anyres_dir):
+    """`python -m eval.generate` on an anyres folder, records of two, one and no images in one batch: each
+    prediction is the one its question gets alone (batch 1)."""
+    from eval.generate import main
+
+    for name, (width, height) in {"wide.png": (150, 40), "tall.png": (40, 130), "square.png": (56, 56)}.items():
+        _image(width, height, width).save(tmp_path / name)
+    records = [{"id": "two", "image": ["wide.png", "tall.png"], "conversations": [
+                   {"from": "human", "value": "<image>\n<image>\nDo the two images show the same colour?"},
+                   {"from": "gpt", "value": "no"}]},
+               {"id": "one", "image": "square.png", "conversations": [
+                   {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}]},
+               {"id": "text", "conversations": [
+                   {"from": "human", "value": "Say the number 3."}, {"from": "gpt", "value": "3"}]}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    out = tmp_path / "preds.jsonl"
+    assert main(["--model-path", anyres_dir, "--data", str(tmp_path / "data.json"), "--image-folder", str(tmp_path),
+                 "--out", str(out), "--batch-size", "3", "--max-new-tokens", "6", "--device", "cpu"]) == 0
+    predictions = {line["id"]: line["prediction"] for line in map(json.loads, out.read_text().splitlines())}
+    assert sorted(predictions) == ["one", "text", "two"] and any(predictions.values())
+    loaded = load_pretrained_model(anyres_dir, device="cpu")
+    for record in records:
+        paths = record.get("image", [])
+        images = [Image.open(tmp_path / p) for p in ([paths] if isinstance(paths, str) else paths)]
+        prompt = build_prompt(loaded, record["conversations"][0]["value"], images)
+        alone = generate_batch(loaded, [prompt], GenerationSettings(max_new_tokens=6))[0]
+        assert predictions[record["id"]] == alone, record["id"]
