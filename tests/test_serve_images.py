@@ -65,3 +65,30 @@ def test_an_image_too_large_for_the_context_is_refused_and_the_server_keeps_serv
     assert error["code"] == "too_many_images" and "224x224: 288" in error["message"], error
     assert str(ANYRES_CONTEXT) in error["message"]
     assert _ask(anyres_server, [images_message("What colour is it?", [SQUARE])]).choices[0].message.content
+
+
+def test_the_web_chat_backend_answers_two_images_and_refuses_an_image_too_large(anyres_dir):
+    """The web chat's in-process backend (`web.local_backend`, the API's own request checks): the same answer as
+    batched generation for two images of an anyres model; an image too large for the context is an `ApiError`
+    (400) shown to the user, and the next question is answered."""
+    from llava_tiny.serve.chat_request import ApiError
+    from llava_tiny.serve.engine import Engine
+    from llava_tiny.serve.served import ServedModel
+    from llava_tiny.serve.web import local_backend
+
+    loaded = load_pretrained_model(anyres_dir, device="cpu")
+    engine = Engine(ServedModel.resolve(loaded))
+    try:
+        answer = local_backend(engine, temperature=0.0, max_tokens=8)
+        question = "Do the two images show the same colour?"
+        prompt = build_prompt(loaded, "<image>\n<image>\n" + question, [SQUARE, WIDE])
+        expected = generate_batch(loaded, [prompt], GenerationSettings(max_new_tokens=8))[0]
+        assert "".join(answer([images_message(question, [SQUARE, WIDE])])).strip() == expected.strip()
+        with pytest.raises(ApiError) as refused:
+            list(answer([images_message("What colour is it?", [HUGE])]))
+        assert refused.value.status == 400 and "288" in refused.value.message
+        alone = build_prompt(loaded, "<image>\nWhat colour is it?", [WIDE])
+        assert "".join(answer([images_message("What colour is it?", [WIDE])])).strip() == \
+            generate_batch(loaded, [alone], GenerationSettings(max_new_tokens=8))[0].strip()
+    finally:
+        engine.close()
