@@ -14,7 +14,8 @@ Every image gives a `color` ("What color are the shapes?"), a `shape` ("What sha
 one answered "yes" about the shapes drawn and one "no" about another of the 12 colour-shape pairs, in
 random order; `caption` ("two red circles.") on request. Colour, shape and count follow balanced
 schedules (every answer equally often), so the majority class is chance, and no question's words tell
-its answer. Same arguments -> byte-identical files.
+its answer. `same-color` (on request) asks about two images, "Do the two images show the same colour?"
+(data_tools/pairs.py). Same arguments -> byte-identical files.
 """
 from __future__ import annotations
 
@@ -22,11 +23,12 @@ import os
 import random
 
 from .io import DataToolError, write_json
+from .pairs import SAME_COLOR, TWO_IMAGE_QUESTION_TYPES, same_color_records
 from .records import CAPTION_PROMPT
 from .shapes import (COLORS, SHAPES, ShapeObject, balanced, caption_for, check_sizes, draw_scene, shape_record,
                      variant_records)
 
-QUESTION_TYPES = ("color", "shape", "count", "presence", "caption")
+QUESTION_TYPES = ("color", "shape", "count", "presence", "caption", *TWO_IMAGE_QUESTION_TYPES)
 DEFAULT_QUESTION_TYPES = ("color", "shape", "count", "presence")
 COUNTS = (1, 2, 3)
 OBJECT_FRACTION = 1 / 16  # 8 px at 128 px: 2 px once squeezed into a 32-px tower view
@@ -70,7 +72,7 @@ def synthesize_highres(out_dir: str, num_images: int = 2000, image_size: int = 1
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     side = max(MIN_OBJECT_SIDE, round(image_size * OBJECT_FRACTION))
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    records = []
+    records, coloured = [], []  # coloured: (image, its colour, scene) for the two-image questions
     for i in range(num_images):
         objects = [ShapeObject(colors[i], shapes[i], x, y, side)
                    for x, y in place_apart(rng, counts[i], image_size, side)]
@@ -91,6 +93,9 @@ def synthesize_highres(out_dir: str, num_images: int = 2000, image_size: int = 1
             shape_record(i, image, "caption", CAPTION_PROMPT, caption, scene),
         ]
         records += variant_records(batch, question_types, "highres", SOURCE)
+        coloured.append((image, colors[i], scene))
+    if SAME_COLOR in question_types:
+        records += variant_records(same_color_records(coloured, seed), question_types, "highres", SOURCE)
     path = os.path.join(out_dir, "dataset.json")
     write_json(path, records)
     return path

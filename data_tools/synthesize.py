@@ -2,7 +2,7 @@
 
     python -m data_tools.synthesize --out-dir data/shapes --num-images 500 --image-size 64 --seed 0 \
         [--layout random|grid] [--objects distinct|alike]
-        [--question-types color shape count presence position caption]
+        [--question-types color shape count presence position caption] [same-color]
     python -m data_tools.synthesize --variant small-objects ...   # one small shape per image (small_objects.py)
     python -m data_tools.synthesize --variant highres ...   # 1-3 tiny shapes in a large image (highres.py)
 
@@ -13,7 +13,9 @@ share one colour and one shape (no colour-to-shape binding to learn: what a mode
 scratch in minutes can master). Every image gives single-turn `color`, `shape`, `count`,
 `presence` (with alike objects two: a "yes" and a "no" about the same picture), `position`
 (distinct objects only) questions and a `caption` (--question-types picks some). Each record
-carries `scene` (what the picture shows) for `partition --stratify scene`.
+carries `scene` (what the picture shows) for `partition --stratify scene`. On request,
+`same-color` adds a question about two images, "Do the two images show the same colour?"
+(`--objects alike` or `--variant highres`; data_tools/pairs.py).
 
 The answers are balanced per question type by construction: for each type a schedule holds every
 possible answer equally often (shuffled), and the image is drawn to make the scheduled answer
@@ -34,6 +36,7 @@ import random
 from .highres import DEFAULT_QUESTION_TYPES as HIGHRES_QUESTION_TYPES
 from .highres import synthesize_highres
 from .io import DataToolError, add_report_argument, cli_errors, write_json, write_report
+from .pairs import SAME_COLOR, TWO_IMAGE_QUESTION_TYPES, same_color_records
 from .records import CAPTION_PROMPT
 from .shapes import (COLORS, POSITION_MARGIN, SHAPES, ShapeObject, balanced, caption_for, check_sizes, draw_scene,
                      shape_record)
@@ -124,9 +127,10 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
     Only records of `question_types` are written; the images do not depend on that choice. The
     same arguments give byte-identical files.
     """
-    unknown = sorted(set(question_types) - set(QUESTION_TYPES))
+    unknown = sorted(set(question_types) - set(QUESTION_TYPES) - set(TWO_IMAGE_QUESTION_TYPES))
     if unknown or not question_types:
-        raise DataToolError(f"question types {unknown or '(none)'}; expected some of {list(QUESTION_TYPES)}")
+        raise DataToolError(f"question types {unknown or '(none)'}; expected some of "
+                            f"{list(QUESTION_TYPES + TWO_IMAGE_QUESTION_TYPES)}")
     if layout not in LAYOUTS:
         raise DataToolError(f"layout {layout!r}; expected one of {list(LAYOUTS)}")
     if objects not in OBJECT_KINDS:
@@ -135,6 +139,9 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
     if alike and "position" in question_types:
         raise DataToolError("position questions need distinct objects (with --objects alike the question "
                             "'is the red square on the left?' can have several answers); drop 'position'")
+    if not alike and SAME_COLOR in question_types:
+        raise DataToolError(f"'{SAME_COLOR}' questions need --objects alike (one colour per image); with distinct "
+                            "objects an image has several colours")
     check_sizes(num_images, image_size, MIN_IMAGE_SIZE)
     rng = random.Random(seed)
     # One balanced schedule per question type, each answer equally frequent.
@@ -144,7 +151,7 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
     presence_answers = balanced(("yes", "no"), num_images, rng)
     position_answers = balanced(("left", "right"), num_images, rng)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    records = []
+    records, coloured = [], []  # coloured: (image, its colour, scene) for the two-image questions
     for i in range(num_images):
         objects, color_t, shape_t, position_t = _scene(rng, image_size, counts[i], color_answers[i],
                                                        shape_answers[i], position_answers[i], layout, alike)
@@ -184,6 +191,9 @@ def synthesize(out_dir: str, num_images: int = 500, image_size: int = 64, seed: 
                     positioned.side_of_image(image_size), scene),
             shape_record(i, image, "caption", CAPTION_PROMPT, caption_for(objects), scene),
         ] if record["question_type"] in question_types]
+        coloured.append((image, objects[0].color, scene))
+    if SAME_COLOR in question_types:
+        records += same_color_records(coloured, seed)
     path = os.path.join(out_dir, "dataset.json")
     write_json(path, records)
     return path
@@ -212,10 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--objects", choices=OBJECT_KINDS, default="distinct",
                         help="distinct: each object its own colour and shape (default); alike: all objects of an "
                              "image share one colour and one shape (no binding to learn)")
-    parser.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES, default=None,
-                        metavar="TYPE", help=f"records to write (default all: {' '.join(QUESTION_TYPES)}; "
-                                             "small-objects: color shape presence position; highres: color "
-                                             "shape count presence)")
+    parser.add_argument("--question-types", nargs="+", choices=QUESTION_TYPES + TWO_IMAGE_QUESTION_TYPES,
+                        default=None, metavar="TYPE",
+                        help=f"records to write (default all: {' '.join(QUESTION_TYPES)}; small-objects: color "
+                             f"shape presence position; highres: color shape count presence); {SAME_COLOR}: "
+                             "'Do the two images show the same colour?' about two images (--objects alike, highres)")
     parser.add_argument("--variant", choices=VARIANTS, default="scenes",
                         help="scenes: 1-3 large shapes (default); small-objects: one small shape at a random "
                              "position, --layout and --objects do not apply (data_tools/small_objects.py); highres: "

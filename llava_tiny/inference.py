@@ -1,7 +1,9 @@
 """Batched generation shared by `eval.generate`, the CLI and the merge/export checks.
 
 Prompts are the exact ids training used (`tokenize_prompt`), left-padded with the tokenizer's pad
-id so every row's last prompt token sits in the last column and the new tokens line up. Position
+id so every row's last prompt token sits in the last column and the new tokens line up. Each image
+takes the placeholders its model reads it with (`ImageReader`): a fixed count (LLaVA-1.5) or, for an anyres
+(LLaVA-NeXT) model, its own count and tiles from its size, with `image_sizes`. Position
 ids are passed explicitly (first real token = 0): `generate` derives them from the attention mask
 only when the model's `forward` signature names `position_ids`, which a subclass taking `**kwargs`
 hides, and then left-padded rows would be numbered from the padding.
@@ -13,10 +15,12 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from .anyres import AnyresTiling
 from .conversation import IMAGE_TOKEN, get_template, marker_problem, stop_token_ids, tokenize_prompt
 from .decoding import decode_answer
 from .images import image_settings, preprocess_images
 from .model.modeling import image_seq_length, unwrap_model
+from .model.modeling_next import is_next
 
 
 @dataclass
@@ -37,8 +41,57 @@ class GenerationSettings:
     top_p: float | None = None
     num_beams: int = 1
     # None: as the model was trained (its config.json); else "pad"/"square"/"resize" and "white"/"mean"
+    # (an anyres model reads tiles only: "anyres" or None)
     image_aspect_ratio: str | None = None
     image_background: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageReader:
+    """How a model turns images into placeholders and pixel inputs, the one place generation, serving and eval ask:
+    `tokens` per image (LLaVA-1.5; 0 for a text-only model), or each image its own count and tiles (`anyres`, an
+    anyres/LLaVA-NeXT model: `llava_tiny.anyres.AnyresTiling` of its pinpoints, tower and patch size)."""
+
+    tokens: int
+    anyres: AnyresTiling | None = None
+
+    @classmethod
+    def of(cls, loaded) -> "ImageReader":
+        model = unwrap_model(loaded.model)
+        if not is_next(model):
+            return cls(image_seq_length(model))
+        config = model.config
+        return cls(0, AnyresTiling.for_tower(config.image_grid_pinpoints, loaded.image_processor,
+                                             config.vision_config.patch_size))
+
+    @property
+    def reads_images(self) -> bool:
+        return bool(self.tokens or self.anyres)
+
+    @property
+    def max_image_tokens(self) -> int:
+        """The most placeholders one image can take (anyres: the largest pinpoint grid, whatever the image's pixels)."""
+        return self.anyres.max_image_tokens if self.anyres else self.tokens
+
+    def counts(self, images) -> list[int]:
+        """The placeholders of each image, in order."""
+        return [self.anyres.image_tokens(image) if self.anyres else self.tokens for image in images]
+
+    def pixel_inputs(self, images, image_processor, config, aspect_ratio: str | None = None,
+                     background: str | None = None) -> dict[str, torch.Tensor]:
+        """`pixel_values` (and, anyres, `image_sizes`) of `images` in order, prepared as the model was trained
+        (`aspect_ratio`/`background` None) or as asked."""
+        self.check_aspect_ratio(aspect_ratio)
+        aspect_ratio, background = image_settings(config, aspect_ratio, background)
+        if self.anyres is None:
+            return {"pixel_values": preprocess_images(images, image_processor, aspect_ratio, background)}
+        return self.anyres.pixel_values(images, image_processor, background)
+
+    def check_aspect_ratio(self, aspect_ratio: str | None) -> None:
+        """An anyres model reads tiles only: another `--image-aspect-ratio` asked of it is refused."""
+        if self.anyres is not None and aspect_ratio not in (None, "anyres"):
+            raise ValueError(f"--image-aspect-ratio {aspect_ratio}: this anyres (LLaVA-NeXT) model reads images as "
+                             "tiles only; leave the image aspect ratio as the model's own")
 
 
 def template_name(loaded, conv_mode: str | None = None) -> str:
@@ -50,14 +103,14 @@ def build_prompt(loaded, question: str, images: list[Image.Image] = (), history:
                  conv_mode: str | None = None, system: str | None = None) -> Prompt:
     """A `Prompt` for `question` after `history` turns (`system`: a sample's own system message, which replaces
     the template's); checks `<image>` markers against `images` (`checked_prompt`)."""
-    return checked_prompt(loaded.tokenizer, template_name(loaded, conv_mode), image_seq_length(loaded.model),
+    return checked_prompt(loaded.tokenizer, template_name(loaded, conv_mode), ImageReader.of(loaded),
                           question, images, history, system)
 
 
-def checked_prompt(tokenizer, template, num_image_tokens: int, question: str, images: list[Image.Image] = (),
+def checked_prompt(tokenizer, template, reader: ImageReader, question: str, images: list[Image.Image] = (),
                    history: list[tuple[str, str]] = (), system: str | None = None) -> Prompt:
-    """`build_prompt` for a template and image token count already resolved (the serving model resolves
-    them once, `serve.served.ServedModel`).
+    """`build_prompt` for a template and `ImageReader` already resolved (the serving model resolves them once,
+    `serve.served.ServedModel`). One `<image>` marker per image, in the images' order.
 
     A marker/image count mismatch would otherwise surface inside the forward as transformers' misleading
     "Image features and image tokens do not match".
@@ -66,9 +119,10 @@ def checked_prompt(tokenizer, template, num_image_tokens: int, question: str, im
     mismatch = marker_problem(markers, len(images))
     if mismatch:
         raise ValueError(f"prompt: {mismatch}")
-    if images and not num_image_tokens:
+    if images and not reader.reads_images:
         raise ValueError("prompt: images were given, but this model has no vision tower (a text-only model)")
-    ids = tokenize_prompt(question, tokenizer, template, num_image_tokens, history=list(history), system=system)
+    counts = reader.counts(images) if reader.reads_images else 0
+    ids = tokenize_prompt(question, tokenizer, template, counts, history=list(history), system=system)
     return Prompt(input_ids=ids, images=list(images))
 
 
@@ -108,8 +162,9 @@ def generate_batch(loaded, prompts: list[Prompt], settings: GenerationSettings |
                    conv_mode: str | None = None) -> list[str]:
     """Generate one answer per prompt in a single left-padded `generate` call (KV cache on).
 
-    Image and text-only prompts can share a batch: `pixel_values` holds the images of all prompts
-    in prompt order, and LLaVA fills the placeholders in that same order.
+    Image and text-only prompts, and prompts of several images, can share a batch: `pixel_values` holds the
+    images of all prompts in prompt order (anyres: each image's tiles, zero-padded to the most, and its
+    `image_sizes`), and LLaVA fills the placeholders in that same order.
     """
     stops = stop_token_ids(loaded.tokenizer, template_name(loaded, conv_mode))
     return [decode_answer(loaded.tokenizer, _cut_at_stop(row, set(stops)))
@@ -142,9 +197,10 @@ def generate_ids(loaded, prompts: list[Prompt], stop_ids: list[int], settings: G
               "position_ids": position_ids.to(device)}
     images = [image for p in prompts for image in p.images]
     if images:
-        pixels = preprocess_images(images, loaded.image_processor, *image_settings(
-            llava.config, settings.image_aspect_ratio, settings.image_background))
-        inputs["pixel_values"] = pixels.to(device=device, dtype=dtype)
+        pixels = ImageReader.of(loaded).pixel_inputs(images, loaded.image_processor, llava.config,
+                                                     settings.image_aspect_ratio, settings.image_background)
+        inputs["pixel_values"] = pixels.pop("pixel_values").to(device=device, dtype=dtype)
+        inputs.update({name: value.to(device) for name, value in pixels.items()})
     sampling = settings.temperature > 0
     decoding = {"do_sample": sampling, "num_beams": settings.num_beams}
     if sampling:
@@ -162,13 +218,16 @@ def probe_inputs(loaded, question: str = "<image>\nDescribe the image in detail.
     """A fixed prompt and a synthetic (deterministic, non-uniform) image, for parity checks (the prompt
     without its image for a text-only model)."""
     llava = unwrap_model(loaded.model)
-    if not image_seq_length(llava):
+    reader = ImageReader.of(loaded)
+    if not reader.reads_images:
         prompt = build_prompt(loaded, question.replace(IMAGE_TOKEN, "").strip())
         return {"input_ids": torch.tensor([prompt.input_ids], device=llava.device)}
     size = llava.config.vision_config.image_size
-    gradient = Image.linear_gradient("L").resize((size, size))
+    # Anyres: wider than tall, so it takes several tiles and unpadding
+    gradient = Image.linear_gradient("L").resize((size * 3 // 2 if reader.anyres else size, size))
     image = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
     prompt = build_prompt(loaded, question, [image])
-    pixels = preprocess_images(prompt.images, loaded.image_processor, *image_settings(llava.config))
+    pixels = reader.pixel_inputs(prompt.images, loaded.image_processor, llava.config)
+    pixels["pixel_values"] = pixels["pixel_values"].to(dtype=llava.dtype)
     return {"input_ids": torch.tensor([prompt.input_ids], device=llava.device),
-            "pixel_values": pixels.to(device=llava.device, dtype=llava.dtype)}
+            **{name: value.to(device=llava.device) for name, value in pixels.items()}}

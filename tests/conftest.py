@@ -49,6 +49,29 @@ def model_dir(tmp_path_factory, tiny_parts):
     return path
 
 
+ANYRES_PINPOINTS = "(1x1),...,(4x4)"  # tiles of the tiny tower's 56 px: 36 to 288 image tokens
+ANYRES_CONTEXT = 256  # the tokenizer's model_max_length in anyres_dir: the largest grids do not fit
+
+
+@pytest.fixture(scope="session")
+def anyres_dir(tmp_path_factory, tiny_parts):
+    """A saved anyres (stock llava_next) folder of the tiny LLM and CLIP under ANYRES_PINPOINTS, image_newline
+    visibly part of the features, its context ANYRES_CONTEXT tokens (so an image can be too large for it)."""
+    import torch
+
+    from llava_tiny.model.anyres_model import with_anyres
+    from llava_tiny.model.builder import assemble_model
+
+    torch.manual_seed(0)
+    loaded = with_anyres(assemble_model(tiny_parts["llm"], tiny_parts["clip"]), ANYRES_PINPOINTS)
+    with torch.no_grad():
+        loaded.model.model.image_newline.mul_(10)
+    loaded.tokenizer.model_max_length = ANYRES_CONTEXT
+    folder = str(tmp_path_factory.mktemp("anyres") / "model")
+    loaded.save_pretrained(folder)
+    return folder
+
+
 def write_color_dataset(root, n=16, size=40, text_only=0, seed=0):
     """A small LLaVA JSON set: coloured images with "what color" questions (+ text-only samples)."""
     import json

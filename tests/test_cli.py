@@ -66,3 +66,18 @@ def test_interactive_chat_ends_at_eof_and_works_without_an_image(model_dir):
     loaded = load_pretrained_model(model_dir, device="cpu")
     expected = generate_batch(loaded, [build_prompt(loaded, "Hello  there?")], GenerationSettings(max_new_tokens=10))
     assert stdout.getvalue() == f"ASSISTANT: {expected[0]}\n"
+
+
+def test_two_images_of_an_anyres_model(anyres_dir, image_file, tmp_path):
+    """`--image-file a b` on an anyres folder: the answer of batched generation with both images, each its own
+    count of image tokens."""
+    second = tmp_path / "tall.png"
+    Image.effect_noise((40, 120), 60).convert("RGB").save(second)
+    stdout = io.StringIO()
+    assert cli.main(["--model-path", anyres_dir, "--image-file", image_file, str(second), *GREEDY,
+                     "--query", "Do the two images show the same colour?"], stdout=stdout) == 0
+    loaded = load_pretrained_model(anyres_dir, device="cpu")
+    images = [Image.open(image_file).convert("RGB"), Image.open(second).convert("RGB")]
+    prompt = build_prompt(loaded, "<image>\n<image>\nDo the two images show the same colour?", images)
+    expected = generate_batch(loaded, [prompt], GenerationSettings(max_new_tokens=10))[0]
+    assert stdout.getvalue().strip() == expected.strip()

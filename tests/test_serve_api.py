@@ -256,3 +256,14 @@ def test_streamed_sse_wire_format(server):
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_two_images_in_one_message_answer_as_the_evaluation_path(client, loaded):
+    other = Image.effect_noise((56, 80), 60).convert("RGB")
+    answer, prompt = expected(loaded, "<image>\n<image>\nDo the two images show the same colour?", [RED, other])
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_url()}},
+                                           {"type": "image_url", "image_url": {"url": png_url(other)}},
+                                           {"type": "text", "text": "Do the two images show the same colour?"}]}
+    response = ask(client, [message])
+    assert response.choices[0].message.content == answer
+    assert response.usage.prompt_tokens == len(prompt.input_ids)

@@ -187,9 +187,9 @@ def prepare(model: ServedModel, request: ChatRequest) -> tuple[Prompt, Sampling]
     refuse_unsupported(request)
     limits, context = model.limits, model.context
     conversation = parse_messages(request.messages, limits)
-    if len(conversation.images) * model.image_tokens >= context:
-        raise ApiError(400, f"{len(conversation.images)} images need {len(conversation.images) * model.image_tokens} "
-                            f"tokens; the model holds {context}", "too_many_images", "messages")
+    too_many = model.image_tokens_problem(conversation.images) if conversation.images else None
+    if too_many:
+        raise ApiError(400, too_many, "too_many_images", "messages")
     try:
         # A system message replaces the template's system prompt, as a sample's own system message does in training.
         prompt = model.prompt(conversation.question, conversation.images, conversation.history, conversation.system)

@@ -1,10 +1,11 @@
-"""Chat with a model about an image in the terminal.
+"""Chat with a model about an image (or several) in the terminal.
 
     python -m llava_tiny.serve.cli --model-path runs/lora --image-file photo.jpg
     python -m llava_tiny.serve.cli --model-path runs/lora --image-file photo.jpg --query "What is shown?"
+    python -m llava_tiny.serve.cli --model-path runs/lora --image-file a.png b.png --query "Same colour?"
 
 Interactive mode reads one question per line until EOF or `exit`, keeping the conversation as
-history; the first question carries the image. With `--query` it answers once and exits (only
+history; the first question carries the images (one `<image>` marker each, in order). With `--query` it answers once and exits (only
 the answer is printed, for scripts). Each question goes through the API's own request checks and
 limits (`chat_request.prepare`), so prompts are built exactly as in training, evaluation and the API.
 """
@@ -24,23 +25,23 @@ EXIT_WORDS = ("exit", "quit")
 
 
 class ChatSession:
-    """A conversation about one image (or none) through the serving engine, kept as OpenAI messages and
+    """A conversation about some images (or none) through the serving engine, kept as OpenAI messages and
     answered through the API's own request checks (`chat_request.prepare`) and the model's limits: `ask`
     streams the answer and remembers the turn."""
 
-    def __init__(self, engine: Engine, image_url: str | None = None, temperature: float = 0.0,
+    def __init__(self, engine: Engine, image_urls: list[str] = (), temperature: float = 0.0,
                  top_p: float | None = None, seed: int | None = None, max_tokens: int | None = None):
-        self.engine, self.image_url = engine, image_url
+        self.engine, self.image_urls = engine, list(image_urls)
         self.decoding = dict(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
         self.messages: list[dict] = []
 
     def ask(self, text: str, on_delta=None) -> str:
         """Answer `text` given the earlier turns (`on_delta` gets each piece of text as it is generated); the
-        image goes with the first question. Raises `ApiError` (or pydantic's `ValidationError`) for what the
+        images go with the first question. Raises `ApiError` (or pydantic's `ValidationError`) for what the
         API would refuse."""
         content = [{"type": "text", "text": text}]
-        if not self.messages and self.image_url is not None:
-            content.insert(0, {"type": "image_url", "image_url": {"url": self.image_url}})
+        if not self.messages:
+            content[:0] = [{"type": "image_url", "image_url": {"url": url}} for url in self.image_urls]
         messages = [*self.messages, {"role": "user", "content": content}]
         prompt, sampling = prepare(self.engine.model, ChatRequest(model="local", messages=messages, **self.decoding))
         for event in self.engine.stream(prompt, sampling):
@@ -56,7 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model-path", "--model_path", required=True,
                         help="any checkpoint: full model, LoRA folder or stage-1 projector folder")
     parser.add_argument("--model-base", "--model_base", default=None)
-    parser.add_argument("--image-file", "--image_file", default=None, help="the image to talk about (optional)")
+    parser.add_argument("--image-file", "--image_file", nargs="+", default=[],
+                        help="the image(s) to talk about (optional; several: one <image> marker each, in order)")
     parser.add_argument("--query", default=None, help="answer this one question and exit")
     parser.add_argument("--conv-mode", "--conv_mode", default=None,
                         help="chat template (default: the one the checkpoint was trained with)")
@@ -76,12 +78,12 @@ def main(argv=None, stdin=None, stdout=None) -> int:
     args = parse_args(argv)
     stdin = stdin or sys.stdin
     stdout = stdout or sys.stdout
-    image_url = data_url(args.image_file) if args.image_file else None  # a missing file fails before the model loads
+    image_urls = [data_url(path) for path in args.image_file]  # a missing file fails before the model loads
     limits = Limits(max_new_tokens_limit=max(args.max_new_tokens, Limits.max_new_tokens_limit))
     model = ServedModel.resolve(load_pretrained_model(args.model_path, model_base=args.model_base, device=args.device),
                                 args.conv_mode, limits, args.image_aspect_ratio, args.image_background)
     engine = Engine(model, max_batch_size=1)
-    chat = ChatSession(engine, image_url, args.temperature, args.top_p, args.seed, args.max_new_tokens)
+    chat = ChatSession(engine, image_urls, args.temperature, args.top_p, args.seed, args.max_new_tokens)
     try:
         if args.query is not None:
             try:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from ..conversation import get_template, stop_token_ids
 from ..images import image_settings
-from ..inference import Prompt, checked_prompt, template_name
-from ..model.modeling import image_seq_length, unwrap_model
+from ..inference import ImageReader, Prompt, checked_prompt, template_name
+from ..model.modeling import unwrap_model
 
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # sentencepiece's byte fallback
 
@@ -50,9 +50,9 @@ class ServedModel:
     template: object  # ChatTemplate or AutoTemplate
     stop_ids: tuple[int, ...]  # ids that end an answer (stop_token_ids of the template)
     byte_ids: frozenset[int]  # byte-fallback tokens, whose text settles only with the next token
-    image_aspect_ratio: str
+    image_aspect_ratio: str | None  # None: anyres tiles
     image_background: str
-    image_tokens: int  # placeholders per image; 0 for a text-only model
+    images: ImageReader  # placeholders and pixels of each image (anyres: each its own count)
     context: int  # positions the model holds
     limits: Limits
 
@@ -62,12 +62,15 @@ class ServedModel:
         """Resolve `loaded` for serving: `conv_mode` and the image settings override what the checkpoint
         recorded (its template, image_aspect_ratio and image_background in config.json)."""
         template = get_template(template_name(loaded, conv_mode))
+        images = ImageReader.of(loaded)
+        images.check_aspect_ratio(image_aspect_ratio)
         aspect, background = image_settings(unwrap_model(loaded.model).config, image_aspect_ratio, image_background)
+        aspect = None if images.anyres else aspect  # anyres: tiles, whatever the config records
         vocab = loaded.tokenizer.get_vocab()
         return cls(loaded=loaded, template=template, stop_ids=tuple(stop_token_ids(loaded.tokenizer, template)),
                    byte_ids=frozenset(i for token, i in vocab.items() if _BYTE_TOKEN.fullmatch(token)),
                    image_aspect_ratio=aspect, image_background=background,
-                   image_tokens=image_seq_length(loaded.model), context=context_length(loaded), limits=limits)
+                   images=images, context=context_length(loaded), limits=limits)
 
     @property
     def tokenizer(self):
@@ -76,8 +79,22 @@ class ServedModel:
     def prompt(self, question: str, images: list[Image.Image] = (), history: list[tuple[str, str]] = (),
                system: str | None = None) -> Prompt:
         """The prompt ids as training renders them (`inference.build_prompt`, with this model's template)."""
-        return checked_prompt(self.tokenizer, self.template, self.image_tokens, question, images, history, system)
+        return checked_prompt(self.tokenizer, self.template, self.images, question, images, history, system)
+
+    def image_tokens_problem(self, images: list[Image.Image]) -> str | None:
+        """Why `images` cannot be read in one request, or None: their placeholders (anyres: each image's own
+        count, from its size and the pinpoints) must leave room for a question and an answer in the context.
+        The one place serving decides an image's size limit in tokens; pixels are limited by `--max-image-pixels`."""
+        counts = self.images.counts(images)
+        if sum(counts) < self.context:
+            return None
+        sizes = ", ".join(f"{image.width}x{image.height}: {count}" for image, count in zip(images, counts))
+        return (f"{len(images)} image(s) need {sum(counts)} image tokens ({sizes}); the model holds {self.context} "
+                f"(an image takes at most {self.images.max_image_tokens})")
 
     def describe(self) -> str:
         """The checkpoint kind and template, for logs and the chat page."""
-        return f"{self.loaded.kind} checkpoint, template {self.template.name}"
+        described = f"{self.loaded.kind} checkpoint, template {self.template.name}"
+        if self.images.anyres:
+            described += f", anyres: up to {self.images.max_image_tokens} tokens per image of {self.context}"
+        return described
